@@ -1,0 +1,24 @@
+import re
+
+import afdkit
+
+
+def test_build_info_reports_the_build():
+    info = afdkit.build_info()
+    assert info["version"] == afdkit.__version__
+    assert info["cuda_arch"] == "90a"
+    assert re.fullmatch(r"\d+\.\d+\.\d+", info["nvcc_version"])
+    assert info["build_type"] in {"Release", "RelWithDebInfo", "Debug"}
+    assert isinstance(info["git_sha"], str) and info["git_sha"]
+    assert info["cuda_runtime_version"] >= 12000
+    assert info["cuda_device_count"] >= 0
+
+
+def test_build_info_reports_ucx():
+    ucx = afdkit.build_info()["ucx"]
+    assert re.match(r"\d+\.\d+", ucx["runtime_version"])
+    assert ucx["runtime_version"].startswith(ucx["build_version"])
+    # Every host has loopback TCP and shared memory: the CPU mesh tests rely on them.
+    names = {t.split("/")[0] for t in ucx["transports"]}
+    assert "tcp" in names
+    assert names & {"posix", "sysv"}
