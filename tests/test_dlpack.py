@@ -18,6 +18,26 @@ DTYPES = {
 }
 
 
+class Exported:
+    """A producer object around afdkit's export, so torch negotiates the capsule kind.
+
+    Raw versioned capsules are not accepted by every torch's from_dlpack; the
+    protocol way is __dlpack__(max_version=...), which picks versioned or legacy.
+    """
+
+    def __init__(self, native, src: torch.Tensor, want_versioned: bool):
+        self.native, self.src, self.want_versioned, self.produced = native, src, want_versioned, None
+
+    def __dlpack__(self, stream=None, max_version=None, dl_device=None, copy=None):
+        versioned = self.want_versioned and max_version is not None and max_version[0] >= 1
+        self.produced = "versioned" if versioned else "legacy"
+        src = self.src.__dlpack__(stream=-1) if self.src.is_cuda else self.src.__dlpack__()
+        return self.native._testing.reexport(src, versioned=versioned)
+
+    def __dlpack_device__(self):
+        return self.src.__dlpack_device__()
+
+
 def _random(dtype: torch.dtype, shape, gen) -> torch.Tensor:
     x = torch.randn(shape, generator=gen) * 3
     if dtype == torch.bool:
@@ -43,7 +63,9 @@ def test_torch_export_is_read_with_the_right_code(native, gen, dtype, versioned)
 @pytest.mark.parametrize("dtype", list(DTYPES))
 def test_afdkit_export_is_consumed_by_torch(native, gen, dtype, versioned):
     x = _random(dtype, (4, 6), gen)[:, 1:5]  # a strided view: strides must survive
-    y = torch.from_dlpack(native._testing.reexport(x, versioned=versioned))
+    producer = Exported(native, x, versioned)
+    y = torch.from_dlpack(producer)
+    assert producer.produced in ({"versioned", "legacy"} if versioned else {"legacy"})
     assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()
     assert y.data_ptr() == x.data_ptr()
     assert torch.equal(y.view(torch.uint8) if dtype.itemsize == 1 else y, x.view(torch.uint8) if dtype.itemsize == 1 else x)
@@ -52,7 +74,7 @@ def test_afdkit_export_is_consumed_by_torch(native, gen, dtype, versioned):
 def test_reexported_view_keeps_the_producer_alive(native, gen):
     x = torch.randn(1000, generator=gen)
     expected = x.clone()
-    y = torch.from_dlpack(native._testing.reexport(x))
+    y = torch.from_dlpack(Exported(native, x, True))
     del x
     torch.randn(1000, generator=gen)  # reuse freed memory if the view dangled
     assert torch.equal(y, expected)
@@ -116,5 +138,5 @@ def test_cuda_tensors_cross_with_device_and_code(native, gen):
     x = torch.randn(64, 256, generator=gen).to("cuda").to(torch.float8_e4m3fn)
     d = native._testing.describe(x.__dlpack__(stream=-1, max_version=(1, 1)))
     assert d["device"] == f"cuda:{x.device.index}" and d["dlpack_code"] == 10
-    y = torch.from_dlpack(native._testing.reexport(x.__dlpack__(stream=-1)))
+    y = torch.from_dlpack(Exported(native, x, True))
     assert y.device == x.device and torch.equal(y.view(torch.uint8), x.view(torch.uint8))

@@ -7,6 +7,7 @@
 
 #include "common/cuda_check.h"
 #include "common/errors.h"
+#include "quant/fp8.cuh"
 #include "quant/quantize.h"
 
 namespace afdkit::quant {
@@ -23,17 +24,6 @@ template <>
 __device__ __forceinline__ float to_float<__half>(__half v) { return __half2float(v); }
 template <>
 __device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-// Saturating e4m3: +-inf -> +-448 and NaN -> NaN, which equals torch's
-// clamp(-448, 448) followed by the cast for every input.
-__device__ __forceinline__ __nv_fp8_storage_t encode_e4m3(float x, float scale) {
-  return __nv_cvt_float_to_fp8(__fdiv_rn(x, scale), __NV_SATFINITE, __NV_E4M3);
-}
-
-// NaN-propagating: a NaN amax must give a NaN scale, as torch.clamp does.
-__device__ __forceinline__ float scale_from_amax(float amax) {
-  return __fdiv_rn(amax < kMinAmax ? kMinAmax : amax, kE4M3Max);
-}
 
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll

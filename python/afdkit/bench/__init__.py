@@ -1,0 +1,1 @@
+"""Benchmarks of afdkit's parts, runnable as ``afdkit bench <part>``."""

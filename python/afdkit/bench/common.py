@@ -1,0 +1,45 @@
+"""What every benchmark records next to its numbers: device, date, commit, command."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+
+def environment() -> dict[str, Any]:
+    import torch
+
+    import afdkit
+
+    info: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "torch": torch.__version__,
+    }
+    try:
+        info["afdkit"] = afdkit.build_info()
+        info["commit"] = info["afdkit"]["git_sha"]
+    except ImportError:
+        info["commit"] = "unknown"
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        info["device"] = f"{p.name}, {p.total_memory >> 30} GiB, {p.multi_processor_count} SMs"
+        try:
+            info["nvidia_smi"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name,driver_version,clocks.max.sm,clocks.max.mem", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=20,
+            ).stdout.strip()
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return info
+
+
+def write_json(path: str | None, payload: dict[str, Any]) -> None:
+    if not path:
+        return
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=1)
