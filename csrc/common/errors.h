@@ -2,9 +2,9 @@
 // exceptions of the same name, so a wrong argument surfaces as TypeError/ValueError
 // naming the op and the argument instead of a crash or a generic RuntimeError.
 #pragma once
-#include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 namespace afdkit {
@@ -20,11 +20,24 @@ struct CudaError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Message building without iostreams: an ostringstream's locale machinery crashed
+// when the module was built by a newer GCC than the libstdc++ the process loaded.
+namespace detail {
+inline void append(std::string& s, const std::string& v) { s += v; }
+inline void append(std::string& s, const char* v) { s += v ? v : "(null)"; }
+inline void append(std::string& s, char v) { s += v; }
+inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+template <class T, std::enable_if_t<std::is_integral_v<T> || std::is_floating_point_v<T>, int> = 0>
+void append(std::string& s, T v) { s += std::to_string(v); }
+template <class T, std::enable_if_t<std::is_enum_v<T>, int> = 0>
+void append(std::string& s, T v) { s += std::to_string(static_cast<long long>(v)); }
+}  // namespace detail
+
 template <class... Args>
 std::string str_cat(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << std::forward<Args>(args));
-  return os.str();
+  std::string s;
+  (detail::append(s, std::forward<Args>(args)), ...);
+  return s;
 }
 
 }  // namespace afdkit

@@ -1,0 +1,68 @@
+// Compile-time constants of the MFA decode kernels, in one place, with the
+// invariants they rely on. Host and device code include this header.
+#pragma once
+#include <cstdint>
+
+namespace afdkit::mfa::cfg {
+
+// ---- the op ----------------------------------------------------------------
+constexpr int kHeadDim = 256;      // Step-3 MFA: one K and one V head of 256
+constexpr int kMaxQLen = 4;        // decode + up to 3 MTP tokens
+constexpr int kHeadGroupUnit = 16; // heads per KV head: a multiple of 16
+constexpr float kE4M3Max = 448.0f;
+constexpr float kMinAmax = 1e-12f; // per-token scale floor, as quant/ uses
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- shared by the plan, the sm90 kernel and combine ------------------------
+constexpr int kTileN = 64;            // KV tokens per tile (one wgmma N / K step set)
+constexpr int kPlanOverheadTiles = 2; // cost of a (part, sequence) visit, in tiles:
+                                      // Q load (32 KB = one fp8 tile) + epilogue
+constexpr int kPartMetaInts = 8;      // ints per part in PlanBuffers::part_meta
+constexpr int kBatchMetaInts = 2;     // ints per sequence in PlanBuffers::batch_meta
+constexpr int kPlanThreads = 32;
+
+// ---- sm90 kernel ---------------------------------------------------------------
+constexpr int kRowsPerCta = 64;        // one wgmma M; rows = q_len x heads-per-kv, padded
+constexpr int kWarpgroup = 128;
+constexpr int kNumConsumerWg = 2;      // each owns half of the 256 dims (S partial, O cols)
+constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 loads + converts
+constexpr int kDimsPerConsumer = kHeadDim / kNumConsumerWg;  // 128
+constexpr int kLoaderRegs = 56;        // setmaxnreg targets; 128*56 + 256*224 <= 64K
+constexpr int kConsumerRegs = 224;
+constexpr int kSwizzleBytes = 128;     // 128B swizzle: 64 fp16 per swizzle row
+constexpr int kSwizzleCols = kSwizzleBytes / 2;
+constexpr int kOpTileBytes = kTileN * kHeadDim * 2;   // one fp16/bf16 64x256 operand tile
+constexpr int kColBlockBytes = kTileN * kSwizzleBytes; // 64 rows x 128 B = 8 KB
+constexpr int kRawStageBytes = 96 * 1024;             // TMA staging ring, whole
+constexpr float kPerTokenVShift = 1024.0f; // P*v_scale*2^10 keeps fp16 P normal
+
+// Raw stages hold one K or one V half-tile (64 rows of the cache's dtype).
+template <int kKvBytes>
+struct RawRing {
+  static constexpr int kHalfTileBytes = kTileN * kHeadDim * kKvBytes;
+  static constexpr int kStages = kRawStageBytes / kHalfTileBytes;
+  static_assert(kStages >= 2, "need at least double buffering of half-tiles");
+};
+
+// ---- SIMT oracle ------------------------------------------------------------------
+constexpr int kSimtRows = 16;     // rows of one CTA
+constexpr int kSimtChunk = 64;    // tokens per scoring chunk
+constexpr int kSimtThreads = 256; // one thread per output dim
+
+// ---- append / combine --------------------------------------------------------------
+constexpr int kAppendWarps = 8;
+constexpr int kCombineWarps = 8;
+
+static_assert(kHeadDim == 256, "kernels index dims with 256-wide rows");
+static_assert(kSimtThreads == kHeadDim, "SIMT: one thread per dim");
+static_assert(kRowsPerCta == 64, "one wgmma M=64 per consumer warpgroup");
+static_assert(kTileN == 64 && kTileN % 16 == 0, "tile = 4 wgmma K-steps of 16 tokens");
+static_assert(kHeadDim % kSwizzleCols == 0, "column blocks of 64 fp16");
+static_assert(kThreads == 384, "1 loader + 2 consumer warpgroups");
+static_assert(kLoaderRegs * kWarpgroup + kConsumerRegs * kWarpgroup * kNumConsumerWg <= 65536,
+              "register file of one SM");
+static_assert(kLoaderRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg wants multiples of 8");
+static_assert(kTileN % 64 == 0, "a tile holds whole pages of 16, 32 or 64 tokens");
+
+}  // namespace afdkit::mfa::cfg

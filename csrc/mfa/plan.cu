@@ -1,0 +1,167 @@
+// Split-KV scheduling on the GPU (plan) and the LSE-weighted merge of partial
+// results (combine). The plan reads seq_lens on the device and writes fixed-size
+// metadata, so a decode step stays graph-capturable and one plan serves every
+// layer of the step.
+//
+// Cost model: a sequence costs ceil(seq_len / 64) tiles plus kPlanOverheadTiles
+// for each part that visits it (Q load, epilogue). The parts are filled greedily
+// in sequence order with about total / num_parts each; a part that cannot take
+// one more tile of a sequence closes, so every visit covers >= 1 tile (or a whole
+// empty sequence, whose zeros/-inf some part must still write).
+#include <cuda_bf16.h>
+
+#include "common/cuda_check.h"
+#include "mfa/common.cuh"
+#include "mfa/launch_checks.h"
+
+namespace afdkit::mfa {
+namespace {
+
+struct PartMeta {  // mirrors PlanBuffers::part_meta rows
+  int b0, t0, split0, b1, t1;
+};
+
+__device__ void write_part(int32_t* meta, int part, const PartMeta& m) {
+  int32_t* row = meta + part * cfg::kPartMetaInts;
+  row[0] = m.b0;
+  row[1] = m.t0;
+  row[2] = m.split0;
+  row[3] = m.b1;
+  row[4] = m.t1;
+#pragma unroll
+  for (int i = 5; i < cfg::kPartMetaInts; ++i) row[i] = 0;
+}
+
+// One thread walks the sequences (O(batch + parts)); lanes first sum the costs.
+__global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_meta,
+                            int32_t* batch_meta, int num_parts) {
+  const int lane = threadIdx.x;
+  int64_t cost = 0;
+  for (int b = lane; b < batch; b += 32)
+    cost += cdiv(max(seq_lens[b], 0), cfg::kTileN) + cfg::kPlanOverheadTiles;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) cost += __shfl_xor_sync(0xffffffffu, cost, off);
+  for (int part = lane; part < num_parts; part += 32) write_part(part_meta, part, {0, 0, 0, -1, 0});
+  __syncwarp();
+  if (lane != 0) return;
+
+  const int64_t target = max(static_cast<int64_t>(cfg::kPlanOverheadTiles + 1),
+                             (cost + num_parts - 1) / num_parts);
+  int part = 0;
+  int64_t used = 0;
+  bool open = false;
+  PartMeta cur{};
+  int slot = 0;
+  for (int b = 0; b < batch; ++b) {
+    const int n = cdiv(max(seq_lens[b], 0), cfg::kTileN);
+    int first_part = -1;  // the first part that touches b
+    int t = 0;
+    do {
+      const int64_t need = cfg::kPlanOverheadTiles + (t < n ? 1 : 0);
+      if (open && part < num_parts - 1 && used + need > target) {
+        write_part(part_meta, part, cur);
+        ++part;
+        open = false;
+        used = 0;
+      }
+      if (first_part < 0) first_part = part;
+      if (!open) {
+        cur = {b, t, part - first_part, b, t};
+        open = true;
+      }
+      used += cfg::kPlanOverheadTiles;
+      int take = n - t;
+      if (part < num_parts - 1) take = static_cast<int>(min(static_cast<int64_t>(take), max(target - used, static_cast<int64_t>(1))));
+      t += take;
+      used += take;
+      cur.b1 = b;
+      cur.t1 = t;
+    } while (t < n);
+    const int splits = part - first_part + 1;
+    batch_meta[b * cfg::kBatchMetaInts + 0] = splits;
+    batch_meta[b * cfg::kBatchMetaInts + 1] = splits > 1 ? slot : -1;
+    if (splits > 1) slot += splits;
+  }
+  if (open) write_part(part_meta, part, cur);
+}
+
+// One warp per (sequence, q token, q head) row of a split sequence; lane l owns
+// dims 8l..8l+7. Unsplit sequences were written by the decode kernel.
+__global__ void combine_kernel(DecodeParams p, PlanBuffers pb) {
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * cfg::kCombineWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  const int64_t rows_per_b = static_cast<int64_t>(p.q_len) * p.num_q_heads;
+  if (row >= rows_per_b * p.batch) return;
+  const int b = static_cast<int>(row / rows_per_b);
+  const int within = static_cast<int>(row % rows_per_b);  // = i * Hq + hq
+  const int splits = pb.batch_meta[b * cfg::kBatchMetaInts];
+  if (splits <= 1) return;
+  const int64_t slot0 = pb.batch_meta[b * cfg::kBatchMetaInts + 1];
+  const float* lse = pb.lse_partial + slot0 * rows_per_b + within;
+  float mx = -INFINITY;
+  for (int s = 0; s < splits; ++s) mx = fmaxf(mx, lse[s * rows_per_b]);
+  float acc[8] = {};
+  float sum = 0.f;
+  if (mx != -INFINITY) {
+    for (int s = 0; s < splits; ++s) {
+      const float w = expf(lse[s * rows_per_b] - mx);
+      sum += w;
+      const float* o = pb.o_partial + ((slot0 + s) * rows_per_b + within) * cfg::kHeadDim + lane * 8;
+      const float4 a = *reinterpret_cast<const float4*>(o);
+      const float4 c = *reinterpret_cast<const float4*>(o + 4);
+      acc[0] += w * a.x, acc[1] += w * a.y, acc[2] += w * a.z, acc[3] += w * a.w;
+      acc[4] += w * c.x, acc[5] += w * c.y, acc[6] += w * c.z, acc[7] += w * c.w;
+    }
+  }
+  const float inv = sum > 0.f ? 1.f / sum : 0.f;
+  const int i = within / p.num_q_heads, hq = within % p.num_q_heads;
+  auto* out = static_cast<__nv_bfloat16*>(p.out) + b * p.out_stride_b + i * p.out_stride_t +
+              hq * p.out_stride_h + lane * 8;
+#pragma unroll
+  for (int e = 0; e < 8; e += 2)
+    *reinterpret_cast<__nv_bfloat162*>(out + e) = __floats2bfloat162_rn(acc[e] * inv, acc[e + 1] * inv);
+  if (lane == 0 && p.lse) p.lse[static_cast<int64_t>(b) * rows_per_b + within] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+}
+
+}  // namespace
+
+PlanSizes plan_sizes(int batch, int q_len, int num_q_heads, int num_kv_heads, int num_sms) {
+  AFDKIT_CHECK(batch >= 0 && q_len >= 1 && q_len <= cfg::kMaxQLen && num_kv_heads >= 1 &&
+                   num_q_heads % num_kv_heads == 0 && num_sms >= 1,
+               "mfa.plan_sizes: bad shape (batch ", batch, ", q_len ", q_len, ", heads ", num_q_heads,
+               "/", num_kv_heads, ", sms ", num_sms, ")");
+  const int rows = q_len * (num_q_heads / num_kv_heads);
+  const int ctas_per_part = num_kv_heads * cdiv(rows, cfg::kRowsPerCta);
+  PlanSizes s;
+  s.num_sm_parts = num_sms / ctas_per_part > 1 ? num_sms / ctas_per_part : 1;
+  s.part_meta_ints = static_cast<int64_t>(s.num_sm_parts) * cfg::kPartMetaInts;
+  s.batch_meta_ints = static_cast<int64_t>(batch) * cfg::kBatchMetaInts;
+  // Each of the num_sm_parts - 1 part boundaries cuts at most one sequence, adding
+  // one split to it and making it split at most once: slots <= min(batch, P-1) + P-1.
+  const int64_t cuts = s.num_sm_parts - 1;
+  s.num_slots = (batch < cuts ? batch : cuts) + cuts;
+  s.lse_partial_floats = s.num_slots * q_len * num_q_heads;
+  s.o_partial_floats = s.lse_partial_floats * cfg::kHeadDim;
+  return s;
+}
+
+void plan(const int32_t* seq_lens, int batch, const PlanBuffers& pb, cudaStream_t stream) {
+  AFDKIT_CHECK(batch >= 0 && pb.num_sm_parts >= 1, "mfa.plan: batch must be >= 0 and num_sm_parts >= 1");
+  AFDKIT_CHECK(pb.part_meta && (batch == 0 || (seq_lens && pb.batch_meta)),
+               "mfa.plan: null seq_lens/part_meta/batch_meta");
+  plan_kernel<<<1, cfg::kPlanThreads, 0, stream>>>(seq_lens, batch, pb.part_meta, pb.batch_meta,
+                                                   pb.num_sm_parts);
+  AFDKIT_CHECK_LAUNCH();
+}
+
+namespace detail {
+void launch_combine(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream) {
+  if (pb.num_sm_parts <= 1 || p.batch == 0) return;  // nothing can be split
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.num_q_heads;
+  const int64_t blocks = (rows + cfg::kCombineWarps - 1) / cfg::kCombineWarps;
+  combine_kernel<<<static_cast<unsigned>(blocks), cfg::kCombineWarps * 32, 0, stream>>>(p, pb);
+  AFDKIT_CHECK_LAUNCH();
+}
+}  // namespace detail
+
+}  // namespace afdkit::mfa

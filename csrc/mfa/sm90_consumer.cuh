@@ -1,0 +1,186 @@
+// Warpgroups 1 and 2 of the sm90 decode kernel. Both serve the same 64 rows;
+// consumer c owns dims [128c, 128c + 128): it computes the partial S over its
+// half of the head dim (wgmma m64n64k16, Q and K from shared memory), the two
+// partials are summed through shared memory, both run the same online softmax
+// (bit-identical), and each accumulates its 64 x 128 slice of O
+// (wgmma m64n128k16, P from registers, V N-major from shared memory).
+//
+// Register layouts (wgmma accumulator, thread t of the warpgroup, w = t / 32,
+// lane l, g = l / 4, q = l % 4): element k of an m64nN accumulator sits at row
+// 16w + g + 8 * ((k % 4) / 2), column 8 * (k / 4) + 2q + (k % 2).
+#pragma once
+#include "common/ptx.cuh"
+#include "mfa/sm90_smem.cuh"
+
+namespace afdkit::mfa::sm90 {
+
+struct RowState {
+  float m[2];     // running max of the log2-domain logits (rows g and g + 8)
+  float l[2];     // this thread's partial row sums (quad-reduced at the end)
+  float mult[2];  // accumulator -> log2-domain logit
+  int vis[2];     // visible tokens of the row (0 for padding rows)
+};
+
+// Q rows of the segment -> operand tile, scaled per row by a power of two that
+// puts the row's amax in [128, 256) (fp16 range and precision for any input);
+// row_mult undoes it and applies softmax_scale * log2(e) (* k_scale per tensor).
+template <KvDtype kKv>
+__device__ void load_q(const DecodeParams& p, Smem<kKv>& s, int b, int h, int rb) {
+  using Op = typename Traits<kKv>::Op;
+  const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
+  const int warp = ct / 32, lane = ct % 32;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int rows = p.q_len * G;
+  float base_mult = p.softmax_scale * cfg::kLog2e;
+  if (p.scale_mode == ScaleMode::kPerTensor) base_mult *= *p.k_scale;
+  for (int r = warp; r < cfg::kRowsPerCta; r += 8) {
+    const int rg = rb * cfg::kRowsPerCta + r;
+    float x[8] = {};
+    if (rg < rows) {
+      const RowCoord rc = row_coord(rg, G);
+      const auto* src = static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b + rc.token * p.q_stride_t +
+                        (h * G + rc.head) * p.q_stride_h + lane * 8;
+      const uint4 raw = *reinterpret_cast<const uint4*>(src);
+      const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&raw);
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]);
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
+#pragma unroll
+    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    float qf = 1.f;
+    if (amax > 0.f && amax <= 3.0e38f) {
+      int e2;
+      frexpf(amax, &e2);
+      qf = ldexpf(1.f, 8 - e2);
+    }
+    uint4 v;
+    v.x = ptx::pack2<Op>(x[0] * qf, x[1] * qf);
+    v.y = ptx::pack2<Op>(x[2] * qf, x[3] * qf);
+    v.z = ptx::pack2<Op>(x[4] * qf, x[5] * qf);
+    v.w = ptx::pack2<Op>(x[6] * qf, x[7] * qf);
+    *reinterpret_cast<uint4*>(s.q + op_chunk_offset(r, lane)) = v;
+    if (lane == 0) s.row_mult[r] = rg < rows ? base_mult / qf : 0.f;
+  }
+}
+
+// S_partial = Q[:, dims of c] . K[:, dims of c]^T : 8 K-steps of 16 dims.
+template <KvDtype kKv>
+__device__ __forceinline__ void mma_qk(Smem<kKv>& s, int c, float (&acc)[32]) {
+  using Op = typename Traits<kKv>::Op;
+  const uint32_t q_base = ptx::smem_addr(s.q), k_base = ptx::smem_addr(s.k_op);
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 8; ++kk) {
+    const int ks = 8 * c + kk;  // global K-step: 16 dims
+    const uint32_t off = (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
+    ptx::wgmma_m64n64k16_ss<Op>(acc, ptx::make_smem_desc(q_base + off, 16, 1024),
+                                ptx::make_smem_desc(k_base + off, 16, 1024), kk > 0);
+  }
+  ptx::wgmma_commit();
+  ptx::wgmma_wait<0>();
+  ptx::fence_regs(acc);
+}
+
+// O[:, dims of c] += P . V[:, dims of c] : 4 K-steps of 16 tokens, V N-major.
+template <KvDtype kKv>
+__device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)[4][4], float (&o)[64]) {
+  using Op = typename Traits<kKv>::Op;
+  const uint32_t v_base = ptx::smem_addr(s.v_op) + 2 * c * cfg::kColBlockBytes;
+  ptx::wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+    ptx::wgmma_m64n128k16_rs_tnspb<Op>(o, pf[kk],
+                                       ptx::make_smem_desc(v_base + kk * 16 * cfg::kSwizzleBytes,
+                                                           cfg::kColBlockBytes, 1024));
+  ptx::wgmma_commit();
+  ptx::wgmma_wait<0>();
+  ptx::fence_regs(o);
+}
+
+// Adds the other consumer's partial S (same thread index = same elements).
+// Float addition commutes, so both warpgroups hold bit-identical S afterwards.
+template <KvDtype kKv>
+__device__ __forceinline__ void exchange_s(Smem<kKv>& s, int c, float (&acc)[32]) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) s.xchg[c][k][t] = make_float4(acc[4 * k], acc[4 * k + 1], acc[4 * k + 2], acc[4 * k + 3]);
+  ptx::named_bar_sync(3, 2 * cfg::kWarpgroup);
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float4 o = s.xchg[c ^ 1][k][t];
+    acc[4 * k] += o.x, acc[4 * k + 1] += o.y, acc[4 * k + 2] += o.z, acc[4 * k + 3] += o.w;
+  }
+}
+
+// Online softmax over one tile: S (accumulator units) -> P in place (fp32), the
+// per-row rescale factor of O in alpha.
+template <KvDtype kKv>
+__device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, int tile,
+                                             float (&acc)[32], float (&alpha)[2]) {
+  const int lane = threadIdx.x % 32, q = lane % 4;
+  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
+  const int tok0 = tile * cfg::kTileN + 2 * q;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float mx = -INFINITY;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const int col = 8 * n + 2 * q + j;
+        float x = acc[4 * n + 2 * i + j] * rs.mult[i];
+        if (per_token) x *= s.k_scale[col];
+        x = tok0 + 8 * n + j < rs.vis[i] ? x : -INFINITY;
+        acc[4 * n + 2 * i + j] = x;
+        mx = fmaxf(mx, x);
+      }
+    }
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+    mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+    const float m_new = fmaxf(rs.m[i], mx);
+    const float m_use = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: keep zeros
+    alpha[i] = ptx::ex2_approx(rs.m[i] - m_use);
+    float sum = 0.f;
+#pragma unroll
+    for (int n = 0; n < 8; ++n) {
+#pragma unroll
+      for (int j = 0; j < 2; ++j) {
+        const float e = ptx::ex2_approx(acc[4 * n + 2 * i + j] - m_use);
+        acc[4 * n + 2 * i + j] = e;
+        sum += e;
+      }
+    }
+    rs.l[i] = rs.l[i] * alpha[i] + sum;
+    rs.m[i] = m_new;
+  }
+}
+
+// P (fp32 accumulator layout) -> wgmma A fragments: K-step kk takes accumulator
+// chunks 2kk and 2kk+1, which are exactly the A-fragment rows/columns of a thread.
+// Per-token V scales multiply the columns (x 2^10, undone in the epilogue).
+template <KvDtype kKv>
+__device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<kKv>& s, const float (&acc)[32],
+                                             uint32_t (&pf)[4][4]) {
+  using Op = typename Traits<kKv>::Op;
+  const int q = threadIdx.x % 4;
+  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int k = 8 * kk + 2 * r;  // accumulator index of the pair
+      float a = acc[k], b = acc[k + 1];
+      if (per_token) {
+        const int col = 16 * kk + 8 * (r / 2) + 2 * q;
+        a *= s.v_scale[col] * cfg::kPerTokenVShift;
+        b *= s.v_scale[col + 1] * cfg::kPerTokenVShift;
+      }
+      pf[kk][r] = ptx::pack2<Op>(a, b);
+    }
+  }
+}
+
+}  // namespace afdkit::mfa::sm90

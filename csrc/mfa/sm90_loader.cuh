@@ -1,0 +1,135 @@
+// Warpgroup 0 of the sm90 decode kernel: thread 0 issues the bulk copies of K/V
+// half-tiles (pages picked from the block table) into the raw ring; all 128
+// threads convert each half-tile into the swizzled fp16/bf16 operand tile the
+// consumers' wgmma reads, then publish it with fence.proxy.async + mbarrier.
+#pragma once
+#include "common/ptx.cuh"
+#include "mfa/sm90_smem.cuh"
+
+namespace afdkit::mfa::sm90 {
+
+// Thread 0: bulk copies of the valid rows of one half-tile into raw stage `stage`.
+// A page is one copy when its rows of this head are contiguous (one KV head),
+// else one copy per row.
+template <KvDtype kKv>
+__device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor& c, int h, int stage) {
+  using Tr = Traits<kKv>;
+  const int n_valid = c.n_valid();
+  uint64_t* bar = &s.raw_full[stage];
+  ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_valid * Tr::kRawRowBytes));
+  const auto* base = static_cast<const uint8_t*>(c.half ? p.v_cache : p.k_cache);
+  const int pages_per_tile = cfg::kTileN / p.page_size;
+  const int32_t* table = p.block_table + c.seg.b * p.block_table_stride + c.tile * pages_per_tile;
+  const bool contiguous = p.kv_stride_token == cfg::kHeadDim;
+  uint8_t* dst = s.raw[stage];
+  for (int k = 0; k < pages_per_tile; ++k) {
+    const int r0 = k * p.page_size;
+    if (r0 >= n_valid) break;
+    const int rows = min(p.page_size, n_valid - r0);
+    const uint8_t* src = base + (static_cast<int64_t>(table[k]) * p.kv_stride_page + h * p.kv_stride_head) *
+                                    Tr::kKvBytes;
+    if (contiguous) {
+      ptx::bulk_copy_g2s(dst + r0 * Tr::kRawRowBytes, src, rows * Tr::kRawRowBytes, bar);
+    } else {
+      for (int r = 0; r < rows; ++r)
+        ptx::bulk_copy_g2s(dst + (r0 + r) * Tr::kRawRowBytes, src + r * p.kv_stride_token * Tr::kKvBytes,
+                           Tr::kRawRowBytes, bar);
+    }
+  }
+}
+
+// fp8 -> fp16: each task turns 16 codes (16 B) of one token row into two 16-byte
+// operand chunks. Within an 8-lane phase the lanes take 8 different tokens
+// (tok % 8 = lane % 8) and 8 different 16-byte source columns, so both the raw
+// reads and the swizzled writes hit 8 distinct bank groups.
+__device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op, int n_valid) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
+  const int j = t & 7, g8 = t >> 3;  // lane in phase, phase index 0..15
+#pragma unroll 2  // two 16-byte reads in flight; a full unroll spills under 56 registers
+  for (int it = 0; it < 8; ++it) {
+    const int c = g8 * 8 + it;  // 0..127: (token block, column half, rotation)
+    const int tok = (c >> 4) * 8 + j;
+    const int d16 = ((j + it) & 7) + 8 * ((c >> 3) & 1);  // 16-dim column 0..15
+    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
+    if (tok < n_valid) {  // rows past the sequence end may hold stale or NaN bytes
+      const uint4 w = *reinterpret_cast<const uint4*>(raw + tok * cfg::kHeadDim + d16 * 16);
+      lo = make_uint4(ptx::cvt_e4m3x2_f16x2(w.x & 0xffff), ptx::cvt_e4m3x2_f16x2(w.x >> 16),
+                      ptx::cvt_e4m3x2_f16x2(w.y & 0xffff), ptx::cvt_e4m3x2_f16x2(w.y >> 16));
+      hi = make_uint4(ptx::cvt_e4m3x2_f16x2(w.z & 0xffff), ptx::cvt_e4m3x2_f16x2(w.z >> 16),
+                      ptx::cvt_e4m3x2_f16x2(w.w & 0xffff), ptx::cvt_e4m3x2_f16x2(w.w >> 16));
+    }
+    *reinterpret_cast<uint4*>(op + op_chunk_offset(tok, 2 * d16)) = lo;
+    *reinterpret_cast<uint4*>(op + op_chunk_offset(tok, 2 * d16 + 1)) = hi;
+  }
+}
+
+// bf16 -> bf16: a swizzling copy; an 8-lane phase covers 8 chunks of one token.
+__device__ __forceinline__ void convert_half_bf16(const uint8_t* raw, uint8_t* op, int n_valid) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
+  const int j = t & 7, g8 = t >> 3;
+#pragma unroll 4
+  for (int it = 0; it < 16; ++it) {
+    const int pt = g8 * 16 + it;  // 0..255: (token, group of 8 chunks)
+    const int tok = pt >> 2, chunk = (pt & 3) * 8 + j;
+    uint4 v = make_uint4(0, 0, 0, 0);
+    if (tok < n_valid) v = *reinterpret_cast<const uint4*>(raw + tok * 2 * cfg::kHeadDim + chunk * 16);
+    *reinterpret_cast<uint4*>(op + op_chunk_offset(tok, chunk)) = v;
+  }
+}
+
+// Per-token scale of row (tid % 64) of the tile at `c` (K for tid < 64, else V); 0 past the end.
+__device__ __forceinline__ float load_token_scale(const DecodeParams& p, const HalfCursor& c, int h) {
+  const int t = threadIdx.x % cfg::kTileN;
+  const int tok = c.tile * cfg::kTileN + t;
+  if (!c.valid || tok >= c.seg.seq_len) return 0.f;
+  const int page = p.block_table[c.seg.b * p.block_table_stride + tok / p.page_size];
+  const float* scales = threadIdx.x < cfg::kTileN ? p.k_scale : p.v_scale;
+  return scales[scale_index(page, tok % p.page_size, h, p.page_size, p.num_kv_heads)];
+}
+
+template <KvDtype kKv>
+__device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h) {
+  using Ring = typename Traits<kKv>::Ring;
+  const int tid = threadIdx.x;
+  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
+  HalfCursor conv, issue;
+  conv.init(meta, p);
+  if (tid == 0) {
+    issue = conv;
+    for (int st = 0; st < Ring::kStages && issue.valid; ++st, issue.next(p)) issue_half(p, s, issue, h, st);
+  }
+  // Per-token scales run one tile ahead: loaded at tile j - 1, stored at tile j.
+  float scale_next = per_token ? load_token_scale(p, conv, h) : 0.f;
+  float scale_cur = 0.f;
+  uint32_t half_idx = 0, tile_idx = 0;
+  while (conv.valid) {
+    const int stage = half_idx % Ring::kStages;
+    const bool is_v = conv.half == 1;
+    if (!is_v && per_token) {
+      HalfCursor ahead = conv;
+      ahead.next(p);
+      ahead.next(p);
+      scale_cur = scale_next;
+      scale_next = load_token_scale(p, ahead, h);
+    }
+    const int n_valid = conv.n_valid();
+    ptx::mbar_wait(&s.raw_full[stage], (half_idx / Ring::kStages) & 1);
+    ptx::mbar_wait(is_v ? &s.v_empty : &s.k_empty, (tile_idx & 1) ^ 1);
+    uint8_t* op = is_v ? s.v_op : s.k_op;
+    if constexpr (Traits<kKv>::kFp8) convert_half_fp8(s.raw[stage], op, n_valid);
+    else convert_half_bf16(s.raw[stage], op, n_valid);
+    if (per_token && (tid < cfg::kTileN) == !is_v) (is_v ? s.v_scale : s.k_scale)[tid % cfg::kTileN] = scale_cur;
+    ptx::fence_proxy_async_smem();  // generic writes -> wgmma (async proxy) reads
+    ptx::mbar_arrive(is_v ? &s.v_full : &s.k_full);
+    ptx::named_bar_sync(1, cfg::kWarpgroup);  // every thread is done reading raw[stage]
+    if (tid == 0 && issue.valid) {
+      issue_half(p, s, issue, h, stage);
+      issue.next(p);
+    }
+    tile_idx += is_v;
+    ++half_idx;
+    conv.next(p);
+  }
+}
+
+}  // namespace afdkit::mfa::sm90

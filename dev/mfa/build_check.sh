@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Compile-checks every .cu of csrc/mfa for sm_90a, one nvcc at a time, and fails
+# when ptxas reports spills, a stack frame or local memory in the hot kernels.
+# Usage: dev/mfa/build_check.sh [extra nvcc flags]   (from any directory)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+NVCC=${NVCC:-nvcc}
+OUT=${BUILD_CHECK_OUT:-build/mfa_check}
+mkdir -p "$OUT"
+FLAGS=(-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a -Xptxas -v,-warn-spills
+       --expt-relaxed-constexpr -lineinfo -I csrc "$@")
+status=0
+for src in csrc/mfa/*.cu csrc/mfa/instantiations/*.cu; do
+  obj="$OUT/$(basename "${src%.cu}").o"
+  log="$OUT/$(basename "${src%.cu}").log"
+  echo "== $src"
+  if ! "$NVCC" "${FLAGS[@]}" -c "$src" -o "$obj" >"$log" 2>&1; then
+    cat "$log"; echo "FAIL: $src does not compile"; status=1; continue
+  fi
+  # ptxas -v prints: Compiling entry function '<mangled>' ... Used N registers ...
+  # stack frame/spill lines. Summarise per kernel.
+  awk '/Compiling entry function/ { match($0, /'"'"'[^'"'"']+'"'"'/); k = substr($0, RSTART+1, RLENGTH-2) }
+       /bytes stack frame/ { sf[k] = $0 }
+       /Used [0-9]+ registers/ { print "   " k; print "      " $0; if (k in sf) print "      " sf[k] }' "$log" \
+    | sed -E 's/ptxas info *: //' | c++filt | cut -c1-220
+  grep -iE "warning|error" "$log" | grep -v "^$" | sed 's/^/   /' || true
+  # Hot kernels (sm90 decode, SIMT oracle, combine, append) must not spill.
+  if awk '/Compiling entry function/ {k=$0} /bytes stack frame/ && ($1 != "0" || $0 ~ /[1-9][0-9]* bytes spill/) {print k; print}' "$log" \
+     | grep -E "[1-9][0-9]* bytes (stack frame|spill)" >/dev/null; then
+    echo "FAIL: $src has a stack frame or spills (see $log)"; status=1
+  fi
+  if grep -q "C7508\|C7510\|serialized" "$log"; then
+    echo "FAIL: $src: setmaxnreg ignored or wgmma serialized (see $log)"; status=1
+  fi
+done
+if [ "${BUILD_HARNESS:-0}" = 1 ]; then  # the standalone GPU harness links everything
+  echo "== dev/mfa/harness.cu"
+  "$NVCC" -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc \
+    dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu -o "$OUT/mfa_harness" || status=1
+fi
+[ $status -eq 0 ] && echo "build_check: OK" || echo "build_check: FAILED"
+exit $status
