@@ -26,28 +26,28 @@ if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
 fi
 
 if has env; then
-  { nvidia-smi; nvcc --version; cmake --version; python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda, torch.cuda.device_count())'; } > "$OUT/env.log" 2>&1
-  note env "$(grep -c H[12]00 "$OUT/env.log" >/dev/null && echo ok || echo ?)" "$(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | head -1)"
+  { nvidia-smi; nvcc --version; cmake --version; python3 -c 'import torch; print("torch", torch.__version__, torch.version.cuda, torch.cuda.device_count())'; } > "$OUT/build.log" 2>&1
+  note env ok "$(nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader | head -1)"
 fi
 
 if has build; then
   t0=$(date +%s)
-  if python3 -m pip install --no-build-isolation --no-deps -v . > "$OUT/build.log" 2>&1; then
+  if python3 -m pip install --no-build-isolation --no-deps -v . >> "$OUT/build.log" 2>&1; then
     note build ok "$(( $(date +%s) - t0 )) s; $(grep -c 'warning' "$OUT/build.log") warning lines"
   else
     note build FAIL "see build.log"; tail -40 "$OUT/build.log"; printf '%s\n' "${SUMMARY[@]}"; exit 1
   fi
-  (cd /tmp && python3 -c 'import afdkit,json; print(json.dumps(afdkit.build_info(), indent=1))') > "$OUT/build_info.json" 2>&1
-  grep -E 'registers|spill|stack frame|lmem' "$OUT/build.log" > "$OUT/ptxas.log" || true
+  (cd /tmp && python3 -c 'import afdkit,json; print(json.dumps(afdkit.build_info(), indent=1))') >> "$OUT/build.log" 2>&1
 fi
 
 if has test; then
-  python3 -m pytest -q -ra --timeout=300 -m gpu tests > "$OUT/pytest_gpu.log" 2>&1
+  # GPU_TESTS narrows the run (files or node ids); default: every gpu test.
+  python3 -X faulthandler -m pytest -q -ra --timeout=300 -m gpu ${GPU_TESTS:-tests} > "$OUT/pytest_gpu.log" 2>&1
   note gpu-tests "rc=$?" "$(tail -1 "$OUT/pytest_gpu.log")"
 fi
 
 if has bench; then
-  for b in bench/bench_*.py; do
+  for b in ${BENCHES:-bench/bench_*.py}; do
     [ -f "$b" ] || continue
     name=$(basename "$b" .py)
     timeout 300 python3 "$b" --out "$OUT/$name.json" > "$OUT/$name.log" 2>&1
@@ -57,7 +57,8 @@ fi
 
 if has harness && [ -f dev/mfa/harness.cu ]; then
   nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -I csrc \
-    -o /tmp/mfa_harness dev/mfa/harness.cu > "$OUT/harness_build.log" 2>&1 && /tmp/mfa_harness > "$OUT/harness.log" 2>&1
+    -o /tmp/mfa_harness dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu > "$OUT/harness.log" 2>&1 \
+    && timeout 300 /tmp/mfa_harness >> "$OUT/harness.log" 2>&1
   note harness "rc=$?" "$(tail -1 "$OUT/harness.log" 2>/dev/null)"
 fi
 
