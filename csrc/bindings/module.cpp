@@ -24,4 +24,5 @@ PYBIND11_MODULE(_C, m) {
   afdkit::bindings::register_common(m);
   afdkit::bindings::register_quant(m);
   afdkit::bindings::register_moe(m);
+  afdkit::bindings::register_mfa(m);
 }

@@ -13,6 +13,7 @@ namespace py = pybind11;
 void register_common(py::module_& m);
 void register_quant(py::module_& m);
 void register_moe(py::module_& m);
+void register_mfa(py::module_& m);
 
 // Streams cross the boundary as integers (torch.cuda.Stream.cuda_stream).
 inline cudaStream_t as_stream(std::uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
