@@ -40,14 +40,25 @@ class Timing:
     reps: int
 
 
-def bench(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30, flush_l2: bool = True) -> Timing:
+def bench(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30, flush_l2: bool = True,
+          graph: bool = False) -> Timing:
     """Median of ``reps`` event-timed calls of ``fn`` on the current CUDA stream.
 
     With ``flush_l2`` a 256 MB buffer is overwritten before every call (outside the
     timed region), so each call reads its inputs from HBM as it would in a decode step.
+    With ``graph`` the call is captured once in a CUDA graph and its replays are timed:
+    the device time of the op without Python and launch overhead (how a decode step
+    runs in a serving engine).
     """
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
     for _ in range(warmup):
+        fn()
+    if graph:
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        fn = g.replay
         fn()
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
