@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 import sys
-from typing import Any
+from typing import Any, Callable
 
 
 def environment() -> dict[str, Any]:
@@ -36,6 +36,26 @@ def environment() -> dict[str, Any]:
         except (OSError, subprocess.TimeoutExpired):
             pass
     return info
+
+
+def run_gpu_bench(name: str, args: Any, header: str, run: Callable[[], dict[str, Any]], footer: str) -> int:
+    """The frame every GPU benchmark shares: environment line, table, footer, JSON file.
+
+    ``run`` prints the table's rows as it goes and returns the results; ``footer`` may use
+    its keys (e.g. ``{copy_gbs:.0f}``).
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        print(f"afdkit bench {name}: needs a CUDA GPU")
+        return 2
+    env = environment()
+    print(f"# {env.get('device')}  commit {env.get('commit')}  {env['date']}")
+    print(header)
+    res = run()
+    print(footer.format(**res))
+    write_json(getattr(args, "out", None), {"env": env, **res})
+    return 0
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from afdkit.bench.common import environment, write_json
+from afdkit.bench.common import run_gpu_bench
 
 NUM_Q_HEADS, HEAD_DIM, PAGE_SIZE = 64, 256, 64
 
@@ -103,13 +103,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--no-sdpa", action="store_true", help="skip the torch SDPA baseline")
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("afdkit bench mfa: needs a CUDA GPU")
-        return 2
-    env = environment()
-    print(f"# {env.get('device')}  commit {env.get('commit')}  {env['date']}")
-    print(HEADER)
-    res = run(args.batch, args.context, args.q_len, not args.no_sdpa)
-    print(f"# device-to-device copy: {res['copy_gbs']:.0f} GB/s (read + write), measured in this run")
-    write_json(args.out, {"env": env, **res})
-    return 0
+    return run_gpu_bench("mfa", args, HEADER, lambda: run(args.batch, args.context, args.q_len, not args.no_sdpa),
+                         "# device-to-device copy: {copy_gbs:.0f} GB/s (read + write), measured in this run")

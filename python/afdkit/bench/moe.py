@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import torch
 
-from afdkit.bench.common import environment, write_json
+from afdkit.bench.common import run_gpu_bench
 
 HIDDEN, EXPERTS, TOP_K, INTER = 7168, 48, 3, 5120
 
@@ -79,13 +79,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, nargs="+", default=[16, 128, 512])
     p.add_argument("--out", help="write the results as JSON here")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        print("afdkit bench moe: needs a CUDA GPU")
-        return 2
-    env = environment()
-    print(f"# {env.get('device')}  commit {env.get('commit')}  {env['date']}")
-    print(HEADER)
-    res = run(args.tokens)
-    print(f"# device-to-device copy: {res['copy_gbs']:.0f} GB/s (read + write); floor = weight bytes / copy rate")
-    write_json(args.out, {"env": env, **res})
-    return 0
+    return run_gpu_bench("moe", args, HEADER, lambda: run(args.tokens),
+                         "# device-to-device copy: {copy_gbs:.0f} GB/s (read + write); floor = weight bytes / copy rate")
