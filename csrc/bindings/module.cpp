@@ -23,6 +23,7 @@ PYBIND11_MODULE(_C, m) {
 
   afdkit::bindings::register_common(m);
   afdkit::bindings::register_quant(m);
+  afdkit::bindings::register_mesh(m);
   afdkit::bindings::register_moe(m);
   afdkit::bindings::register_mfa(m);
 }

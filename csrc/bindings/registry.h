@@ -12,6 +12,7 @@ namespace py = pybind11;
 
 void register_common(py::module_& m);
 void register_quant(py::module_& m);
+void register_mesh(py::module_& m);
 void register_moe(py::module_& m);
 void register_mfa(py::module_& m);
 

@@ -1,0 +1,301 @@
+#!/usr/bin/env python3
+"""Mesh benchmark: one-way put latency (p50/p99) and bandwidth, 8 B .. 8 MB, next to
+``ucx_perftest`` on the same transport (and NCCL send/recv on GPUs), plus the A->F->A
+round trip of one Step-3 microbatch (128 tokens x 7168: 896 KiB FP8 out, 1.75 MiB
+BF16 back) through the AFD channel, 1A1F and 2A2F.
+
+    python3 bench/bench_mesh.py --transports shm tcp --out mesh.json
+    python3 bench/bench_mesh.py --gpu --out mesh_gpu.json     # 2 GPUs: ipc + UCX cuda_ipc + NCCL
+
+Latency is half the ping-pong round trip of put + signal (ours) or of ucp_put_lat
+(perftest); bandwidth is a stream of puts of one size ended by one acknowledgement.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+from afdkit.mesh.testing import UCX_ENVS, RankContext, check_all_ok, run_ranks
+
+SIZES = [8, 64, 512, 4096, 32768, 262144, 1 << 20, 8 << 20]
+STEP3_TOKENS, STEP3_HIDDEN = 128, 7168
+GPU_UCX_ENV = {"UCX_TLS": "cuda_ipc,cuda_copy,tcp", "UCX_NET_DEVICES": "lo"}
+
+
+def _iters(size: int, scale: float) -> int:
+    return max(20, min(2000, int(scale * 2e8 / max(size, 4096))))
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+# ---- afdkit.mesh, core put + signal ------------------------------------------------
+
+
+def _mesh_core(ctx: RankContext) -> dict:
+    from afdkit.mesh import Mesh, MeshConfig
+
+    a = ctx.args
+    dev = torch.device("cuda", ctx.rank) if a["gpu"] else torch.device("cpu")
+    if a["gpu"]:
+        torch.cuda.set_device(dev)
+    m = Mesh(ctx.rank, ctx.world_size, ctx.role,
+             MeshConfig(mesh_id="bench", timeout_s=60, spin_us=a["spin_us"],
+                        device=ctx.rank if a["gpu"] and a["ipc"] else None))
+    top = max(a["sizes"])
+    src, buf = m.alloc("src", top, dev), m.alloc("buf", top, dev)
+    m.alloc("sig", 64, dev)
+    m.connect(ctx.store(), b"bench-secret")
+    e, peer = m.engine, 1 - ctx.rank
+    rb, rs = m.remote(peer, "buf").handle, m.remote(peer, "sig").handle
+    sig_ptr = m.local("sig").data_ptr()
+    stream = torch.cuda.current_stream().cuda_stream if a["gpu"] else 0
+    cuda = a["gpu"]
+    seq, out = 0, {}
+
+    def wait(v: int) -> None:
+        if cuda:
+            e.wait_stream(sig_ptr, v, stream)
+            torch.cuda.current_stream().synchronize()
+        else:
+            e.wait(sig_ptr, v, 60.0, peer)
+
+    for size in a["sizes"]:
+        n = _iters(size, a["scale"])
+        lat = []
+        for i in range(n + 10):
+            seq += 1
+            t0 = time.perf_counter()
+            if ctx.rank == 0:
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+                wait(seq)
+            else:
+                wait(seq)
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+            if i >= 10:
+                lat.append((time.perf_counter() - t0) / 2)
+        # Bandwidth: a stream of puts, then one acknowledgement from the receiver.
+        nb = max(10, n // 2)
+        t0 = time.perf_counter()
+        if ctx.rank == 0:
+            for _ in range(nb):
+                seq += 1
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+            seq += 1
+            wait(seq)
+        else:
+            seq += nb
+            wait(seq)
+            seq += 1
+            e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream)
+        bw = size * nb / (time.perf_counter() - t0) / 1e6
+        out[size] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6, "bw_MBps": bw}
+    out["backend"] = m.remote(peer, "buf").backend
+    out["stats"] = e.stats()
+    m.close()
+    return out
+
+
+# ---- afdkit.mesh, the Step-3 microbatch through the AFD channel ------------------------------
+
+
+def _step3(ctx: RankContext) -> dict:
+    from afdkit.mesh import AfdChannel, ChannelConfig, Mesh, MeshConfig, TensorSpec
+
+    a = ctx.args
+    dev = torch.device("cuda", ctx.rank) if a["gpu"] else torch.device("cpu")
+    if a["gpu"]:
+        torch.cuda.set_device(dev)
+    m = Mesh(ctx.rank, ctx.world_size, ctx.role,
+             MeshConfig(mesh_id="step3", timeout_s=60, spin_us=a["spin_us"], device=ctx.rank if a["gpu"] else None))
+    m.connect(ctx.store(), b"bench-secret")
+    send = (TensorSpec("u", (STEP3_HIDDEN,), torch.float8_e4m3fn),)
+    recv = (TensorSpec("y", (STEP3_HIDDEN,), torch.bfloat16),)
+    ch = AfdChannel(m, ChannelConfig(max_tokens=STEP3_TOKENS, send=send, recv=recv, num_microbatches=3,
+                                     device=str(dev)))
+    u = torch.zeros(STEP3_TOKENS, STEP3_HIDDEN, dtype=torch.float8_e4m3fn, device=dev)
+    y = torch.zeros(STEP3_TOKENS * len(ch.att), STEP3_HIDDEN, dtype=torch.bfloat16, device=dev)
+    rtt = []
+    for layer in range(a["iters"] + 5):
+        t0 = time.perf_counter()
+        if ch.is_attention:
+            ch.send(layer, 0, u)
+            ch.recv(layer, 0, reduce=None)
+        else:
+            b = ch.recv_batch(layer, 0)
+            ch.send_back(layer, 0, y[: b.num_rows])
+        if a["gpu"]:
+            torch.cuda.synchronize()
+        if layer >= 5:
+            rtt.append(time.perf_counter() - t0)
+    m.close()
+    return {"p50_us": _pct(rtt, 0.5) * 1e6, "p99_us": _pct(rtt, 0.99) * 1e6}
+
+
+# ---- ucx_perftest ------------------------------------------------------------------------------
+
+
+def _perftest_bin() -> tuple[str, str]:
+    import libucx
+
+    root = os.path.dirname(libucx.__file__)
+    return os.path.join(root, "bin", "ucx_perftest"), os.path.join(root, "lib")
+
+
+def _perftest(test: str, size: int, iters: int, env: dict[str, str], mem: str, port: int) -> dict | None:
+    exe, lib = _perftest_bin()
+    penv = dict(os.environ, **env)
+    penv["LD_LIBRARY_PATH"] = lib + (":" + penv["LD_LIBRARY_PATH"] if penv.get("LD_LIBRARY_PATH") else "")
+    args = ["-p", str(port), "-m", mem]
+    if mem == "cuda":
+        server_env = dict(penv, CUDA_VISIBLE_DEVICES="1")
+    else:
+        server_env = penv
+    server = subprocess.Popen([exe, *args], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(0.3)
+        res = subprocess.run([exe, "127.0.0.1", *args, "-t", test, "-s", str(size), "-n", str(iters)],
+                             env=penv, capture_output=True, text=True, timeout=120)
+    finally:
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    line = [ln for ln in res.stdout.splitlines() if ln.startswith("Final:")]
+    if not line:
+        return None
+    f = line[0].split()[1:]
+    # iterations, lat p50, lat avg, lat overall, bw avg (MB/s), bw overall, msgrate avg, overall
+    return {"p50_us": float(f[1]), "avg_us": float(f[2]), "bw_MBps": float(f[5]) * 1.048576}
+
+
+def _perftests(env: dict[str, str], mem: str, scale: float, sizes: list[int]) -> dict:
+    out = {}
+    port = 13000 + os.getpid() % 2000
+    for size in sizes:
+        n = _iters(size, scale)
+        lat = _perftest("ucp_put_lat", size, n, env, mem, port)
+        bw = _perftest("ucp_put_bw", size, max(10, n // 2), env, mem, port + 1)
+        if lat and bw:
+            out[size] = {"p50_us": lat["p50_us"], "bw_MBps": bw["bw_MBps"]}
+    return out
+
+
+# ---- NCCL ----------------------------------------------------------------------------------------
+
+
+def _nccl(ctx: RankContext) -> dict:
+    import torch.distributed as dist
+
+    torch.cuda.set_device(ctx.rank)
+    dist.init_process_group("nccl", store=ctx.store(), rank=ctx.rank, world_size=2)
+    peer, out = 1 - ctx.rank, {}
+    for size in ctx.args["sizes"]:
+        x = torch.zeros(size, dtype=torch.uint8, device="cuda")
+        n = _iters(size, ctx.args["scale"])
+        lat = []
+        for i in range(n + 10):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            if ctx.rank == 0:
+                dist.send(x, peer)
+                dist.recv(x, peer)
+            else:
+                dist.recv(x, peer)
+                dist.send(x, peer)
+            torch.cuda.synchronize()
+            if i >= 10:
+                lat.append((time.perf_counter() - t0) / 2)
+        out[size] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6,
+                     "bw_MBps": size / _pct(lat, 0.5) / 1e6}
+    dist.destroy_process_group()
+    return out
+
+
+# ---- driver ----------------------------------------------------------------------------------------
+
+
+def _fmt_size(n: int) -> str:
+    for unit, div in (("MB", 1 << 20), ("KB", 1 << 10)):
+        if n >= div:
+            return f"{n // div} {unit}"
+    return f"{n} B"
+
+
+def _table(name: str, mesh: dict, ref: dict, ref_name: str) -> str:
+    rows = [f"== {name}: afdkit.mesh ({mesh.get('backend', '?')}) vs {ref_name} ==",
+            f"{'size':>7} | {'mesh p50':>9} {'p99':>9} | {ref_name + ' p50':>14} | {'lat x':>6} | "
+            f"{'mesh MB/s':>10} | {ref_name + ' MB/s':>14} | {'bw x':>5}"]
+    for size in SIZES:
+        if size not in mesh:
+            continue
+        m, r = mesh[size], ref.get(size)
+        lat_ratio = f"{m['p50_us'] / r['p50_us']:.2f}" if r else "-"
+        bw_ratio = f"{m['bw_MBps'] / r['bw_MBps']:.2f}" if r else "-"
+        rows.append(f"{_fmt_size(size):>7} | {m['p50_us']:9.1f} {m['p99_us']:9.1f} | "
+                    f"{(r['p50_us'] if r else float('nan')):14.1f} | {lat_ratio:>6} | {m['bw_MBps']:10.0f} | "
+                    f"{(r['bw_MBps'] if r else float('nan')):14.0f} | {bw_ratio:>5}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--transports", nargs="+", default=["shm", "tcp"], choices=sorted(UCX_ENVS))
+    p.add_argument("--gpu", action="store_true", help="GPU buffers on 2 GPUs: ipc, UCX cuda_ipc and NCCL")
+    p.add_argument("--scale", type=float, default=1.0, help="multiplies the iteration counts")
+    p.add_argument("--spin-us", type=int, default=200, help="MeshConfig.spin_us of the benchmarked ranks")
+    p.add_argument("--step3-iters", type=int, default=200)
+    p.add_argument("--no-perftest", action="store_true")
+    p.add_argument("--out", help="write all numbers as JSON here")
+    args = p.parse_args(argv)
+    results: dict[str, Any] = {"sizes": SIZES}
+    try:
+        from afdkit.bench.common import environment
+
+        results["environment"] = environment()
+    except ImportError:
+        pass
+    base = {"sizes": SIZES, "scale": args.scale, "spin_us": args.spin_us, "gpu": args.gpu}
+    runs = [("gpu-ipc", {}, True), ("gpu-ucx", GPU_UCX_ENV, False)] if args.gpu else \
+           [(t, UCX_ENVS[t], False) for t in args.transports]
+    tables = []
+    for name, env, ipc in runs:
+        mesh = check_all_ok(run_ranks(_mesh_core, ["attention", "ffn"], args={**base, "ipc": ipc}, env=env,
+                                      timeout_s=600))[0]
+        ref = {} if args.no_perftest else _perftests(env, "cuda" if args.gpu else "host", args.scale, SIZES)
+        results[name] = {"mesh": mesh, "ucx_perftest": ref}
+        tables.append(_table(name, mesh, ref, "perftest"))
+        for topo, roles in (("1A1F", ["attention", "ffn"]), ("2A2F", ["attention", "attention", "ffn", "ffn"])):
+            if args.gpu and torch.cuda.device_count() < len(roles):
+                continue
+            iters = args.step3_iters if topo == "1A1F" else max(20, args.step3_iters // 4)
+            r = check_all_ok(run_ranks(_step3, roles, args={**base, "iters": iters}, env=env, timeout_s=600))
+            results[name][f"step3_{topo}"] = r[0]
+            tables.append(f"   Step-3 microbatch A->F->A {topo}: p50 {r[0]['p50_us']:.1f} us, "
+                          f"p99 {r[0]['p99_us']:.1f} us")
+    if args.gpu and torch.cuda.device_count() >= 2:
+        nccl = check_all_ok(run_ranks(_nccl, ["attention", "ffn"], args=base, timeout_s=600))[0]
+        results["nccl"] = nccl
+        tables.append(_table("gpu-ipc", results["gpu-ipc"]["mesh"], nccl, "nccl"))
+    print("\n\n".join(tables))
+    if args.out:
+        import json
+
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

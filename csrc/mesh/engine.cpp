@@ -1,0 +1,431 @@
+// Engine setup, registration, peers and the put path. The progress thread, waits
+// and shutdown are in engine_progress.cpp.
+#include "mesh/engine.h"
+
+#include <chrono>
+#include <thread>
+
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cstdio>
+#include <cstring>
+
+#include <ucs/config/global_opts.h>
+
+#include "common/errors.h"
+#include "mesh/gpu.h"
+
+namespace afdkit::mesh {
+
+std::string status_str(ucs_status_t s) { return ucs_status_string(s); }
+
+namespace {
+
+// What a UCX request carries to its completion callback. `word` is the source of
+// signal/control writes: it must outlive the request.
+struct OpCtx {
+  Engine* engine;
+  uint64_t tag;
+  int peer;
+  uint64_t nbytes;
+  uint64_t word;
+  bool traced;
+};
+
+void put_done_cb(void* request, ucs_status_t status, void* user_data) {
+  auto* ctx = static_cast<OpCtx*>(user_data);
+  ctx->engine->on_put_done(ctx->traced ? ctx->tag : 0, ctx->traced ? ctx->peer : -1, ctx->nbytes, status);
+  delete ctx;
+  ucp_request_free(request);
+}
+
+void ep_error_cb(void* arg, ucp_ep_h, ucs_status_t status) {
+  auto* p = static_cast<Peer*>(arg);
+  p->engine->on_ep_error(p->rank, status);
+}
+
+void ucx_check(ucs_status_t s, const char* what) {
+  if (s != UCS_OK) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: ", what, " failed: ", ucs_status_string(s));
+}
+
+ucp_context_h make_context(const EngineOptions& o) {
+  ucp_config_t* cfg = nullptr;
+  ucx_check(ucp_config_read(nullptr, nullptr, &cfg), "ucp_config_read");
+  // Keepalive finds dead peers on transports without a connection to break (shm).
+  char ka[32];
+  std::snprintf(ka, sizeof(ka), "%dms", std::max(1, static_cast<int>(o.keepalive_s * 1000)));
+  ucp_config_modify(cfg, "KEEPALIVE_INTERVAL", ka);
+  for (const auto& [k, v] : o.ucx_options) {
+    if (ucp_config_modify(cfg, k.c_str(), v.c_str()) != UCS_OK) {
+      ucp_config_release(cfg);
+      AFDKIT_THROW(ValueError, "afdkit.mesh: UCX rejected option ", k, "=", v);
+    }
+  }
+  ucp_params_t p{};
+  p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
+  p.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  p.mt_workers_shared = 0;
+  ucp_context_h ctx = nullptr;
+  ucs_status_t s = ucp_init(&p, cfg, &ctx);
+  ucp_config_release(cfg);
+  ucx_check(s, "ucp_init (check UCX_TLS / UCX_NET_DEVICES)");
+  return ctx;
+}
+
+}  // namespace
+
+Engine::Engine(const EngineOptions& options) : opt_(options), tracer_(options.trace_capacity) {
+  if (opt_.err_mode != "auto" && opt_.err_mode != "peer" && opt_.err_mode != "none")
+    AFDKIT_THROW(ValueError, "afdkit.mesh: err_mode must be 'auto', 'peer' or 'none', got '", opt_.err_mode, "'");
+  if (opt_.world_size < 1 || opt_.rank < 0 || opt_.rank >= opt_.world_size)
+    AFDKIT_THROW(ValueError, "afdkit.mesh: rank ", opt_.rank, " is outside world_size ", opt_.world_size);
+  try {
+    context_ = make_context(opt_);
+    ucp_worker_params_t wp{};
+    wp.field_mask = UCP_WORKER_PARAM_FIELD_THREAD_MODE;
+    wp.thread_mode = UCS_THREAD_MODE_SERIALIZED;  // the engine's mutex serializes all calls
+    ucx_check(ucp_worker_create(context_, &wp, &worker_), "ucp_worker_create");
+    ucp_address_t* addr = nullptr;
+    size_t len = 0;
+    ucx_check(ucp_worker_get_address(worker_, &addr, &len), "ucp_worker_get_address");
+    address_.assign(reinterpret_cast<const char*>(addr), len);
+    ucp_worker_release_address(worker_, addr);
+
+    peers_.resize(opt_.world_size);
+    ctrl_region_ = allocate_host(((opt_.world_size * 8 + 63) / 64) * 64);
+
+    wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    epoll_fd_ = epoll_create1(EPOLL_CLOEXEC);
+    int worker_fd = -1;
+    ucx_check(ucp_worker_get_efd(worker_, &worker_fd), "ucp_worker_get_efd");
+    if (wake_fd_ < 0 || epoll_fd_ < 0) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: eventfd/epoll_create1 failed");
+    for (int fd : {wake_fd_, worker_fd}) {
+      epoll_event ev{};
+      ev.events = EPOLLIN;
+      ev.data.fd = fd;
+      if (epoll_ctl(epoll_fd_, EPOLL_CTL_ADD, fd, &ev) != 0) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: epoll_ctl failed");
+    }
+    progress_ = std::thread(&Engine::progress_loop, this);
+  } catch (...) {
+    for (auto& r : regions_) ucp_mem_unmap(context_, r.memh);
+    if (worker_) ucp_worker_destroy(worker_);
+    if (context_) ucp_cleanup(context_);
+    if (wake_fd_ >= 0) ::close(wake_fd_);
+    if (epoll_fd_ >= 0) ::close(epoll_fd_);
+    throw;
+  }
+}
+
+Engine::~Engine() {
+  try {
+    close(1.0);
+  } catch (...) {
+  }
+  for (auto& r : regions_) {
+    if (r.memh) ucp_mem_unmap(context_, r.memh);
+  }
+  if (context_) ucp_cleanup(context_);
+  if (wake_fd_ >= 0) ::close(wake_fd_);
+  if (epoll_fd_ >= 0) ::close(epoll_fd_);
+}
+
+// ---- registration -----------------------------------------------------------
+
+namespace {
+std::string pack_rkey(ucp_context_h ctx, ucp_mem_h memh) {
+  void* buf = nullptr;
+  size_t size = 0;
+  ucx_check(ucp_rkey_pack(ctx, memh, &buf, &size), "ucp_rkey_pack");
+  std::string out(static_cast<const char*>(buf), size);
+  ucp_rkey_buffer_release(buf);
+  return out;
+}
+}  // namespace
+
+int Engine::register_memory(void* ptr, size_t nbytes, MemKind kind, int device) {
+  if (!ptr || nbytes == 0) AFDKIT_THROW(ValueError, "afdkit.mesh.register: empty buffer (ptr ", ptr, ", ", nbytes, " bytes)");
+  LocalRegion r;
+  r.ptr = ptr;
+  r.nbytes = nbytes;
+  r.kind = kind;
+  r.device = device;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                  UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+  mp.address = ptr;
+  mp.length = nbytes;
+  mp.memory_type = kind == MemKind::kCuda ? UCS_MEMORY_TYPE_CUDA : UCS_MEMORY_TYPE_HOST;
+  UcxLock lock(*this);
+  ucx_check(ucp_mem_map(context_, &mp, &r.memh), "ucp_mem_map");
+  try {
+    r.rkey = pack_rkey(context_, r.memh);
+    if (kind == MemKind::kCuda) {
+      try {
+        r.ipc = gpu::export_handle(ptr, &r.ipc_offset);
+      } catch (const std::exception&) {
+        r.ipc.clear();  // e.g. VMM-backed memory: no legacy IPC handle; peers use UCX
+      }
+    }
+  } catch (...) {
+    ucp_mem_unmap(context_, r.memh);
+    throw;
+  }
+  regions_.push_back(std::move(r));
+  owned_.push_back(false);
+  return static_cast<int>(regions_.size()) - 1;
+}
+
+int Engine::allocate_host(size_t nbytes) {
+  if (nbytes == 0) AFDKIT_THROW(ValueError, "afdkit.mesh.alloc: nbytes must be positive");
+  LocalRegion r;
+  ucp_mem_map_params_t mp{};
+  mp.field_mask = UCP_MEM_MAP_PARAM_FIELD_ADDRESS | UCP_MEM_MAP_PARAM_FIELD_LENGTH |
+                  UCP_MEM_MAP_PARAM_FIELD_FLAGS | UCP_MEM_MAP_PARAM_FIELD_MEMORY_TYPE;
+  mp.address = nullptr;
+  mp.length = nbytes;
+  mp.flags = UCP_MEM_MAP_ALLOCATE;  // UCX picks memory its shm transports can map directly
+  mp.memory_type = UCS_MEMORY_TYPE_HOST;
+  UcxLock lock(*this);
+  ucx_check(ucp_mem_map(context_, &mp, &r.memh), "ucp_mem_map(ALLOCATE)");
+  ucp_mem_attr_t attr{};
+  attr.field_mask = UCP_MEM_ATTR_FIELD_ADDRESS | UCP_MEM_ATTR_FIELD_LENGTH;
+  ucs_status_t s = ucp_mem_query(r.memh, &attr);
+  if (s != UCS_OK || attr.length < nbytes) {
+    ucp_mem_unmap(context_, r.memh);
+    AFDKIT_MESH_THROW(MeshError, "afdkit.mesh.alloc: ucp_mem_query failed: ", ucs_status_string(s));
+  }
+  r.ptr = attr.address;
+  r.nbytes = nbytes;
+  std::memset(r.ptr, 0, nbytes);
+  r.rkey = pack_rkey(context_, r.memh);
+  regions_.push_back(std::move(r));
+  owned_.push_back(true);
+  return static_cast<int>(regions_.size()) - 1;
+}
+
+const LocalRegion& Engine::region(int id) const {
+  if (id < 0 || id >= static_cast<int>(regions_.size()))
+    AFDKIT_THROW(ValueError, "afdkit.mesh: unknown local region id ", id);
+  return regions_[id];
+}
+
+// ---- peers --------------------------------------------------------------------
+
+Peer& Engine::peer_ref(int rank) {
+  if (rank < 0 || rank >= opt_.world_size || !peers_[rank])
+    AFDKIT_THROW(ValueError, "afdkit.mesh: rank ", rank, " is not a connected peer of rank ", opt_.rank,
+                 " (world_size ", opt_.world_size, ")");
+  return *peers_[rank];
+}
+
+void Engine::add_peer(int rank, const std::string& label, const std::string& address, int pid, bool same_host) {
+  if (rank < 0 || rank >= opt_.world_size || rank == opt_.rank)
+    AFDKIT_THROW(ValueError, "afdkit.mesh.add_peer: bad peer rank ", rank);
+  if (peers_[rank]) AFDKIT_THROW(ValueError, "afdkit.mesh.add_peer: rank ", rank, " is already connected");
+  auto p = std::make_unique<Peer>();
+  p->rank = rank;
+  p->label = label;
+  p->pid = pid;
+  p->same_host = same_host;
+  p->engine = this;
+  const bool try_peer = opt_.err_mode != "none" || !same_host;
+  UcxLock lock(*this);
+  ucs_status_t s = UCS_ERR_UNREACHABLE;
+  for (bool err_peer : {true, false}) {
+    if (err_peer && !try_peer) continue;
+    if (!err_peer && (!same_host || opt_.err_mode == "peer")) break;
+    ucp_ep_params_t ep{};
+    ep.field_mask = UCP_EP_PARAM_FIELD_REMOTE_ADDRESS | UCP_EP_PARAM_FIELD_ERR_HANDLING_MODE;
+    ep.address = reinterpret_cast<const ucp_address_t*>(address.data());
+    // PEER: errors reach our callback instead of aborting the process.
+    ep.err_mode = err_peer ? UCP_ERR_HANDLING_MODE_PEER : UCP_ERR_HANDLING_MODE_NONE;
+    if (err_peer) {
+      ep.field_mask |= UCP_EP_PARAM_FIELD_ERR_HANDLER;
+      ep.err_handler.cb = ep_error_cb;
+      ep.err_handler.arg = p.get();
+    }
+    // A same-host attempt that may fall back would make UCX log an error for shm
+    // transports without peer-failure support: quiet the log for that attempt only.
+    char level[32] = "";
+    const bool quiet = err_peer && same_host && opt_.err_mode == "auto" &&
+                       ucs_global_opts_get_value("LOG_LEVEL", level, sizeof(level)) == UCS_OK;
+    if (quiet) ucs_global_opts_set_value("LOG_LEVEL", "fatal");
+    s = ucp_ep_create(worker_, &ep, &p->ep);
+    if (quiet) ucs_global_opts_set_value("LOG_LEVEL", level);
+    p->err_peer = err_peer;
+    if (s == UCS_OK) break;
+  }
+  if (s != UCS_OK)
+    AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: cannot create an endpoint to ", label, ": ", ucs_status_string(s),
+                      " (UCX_TLS / UCX_NET_DEVICES leave no usable transport?)");
+  peers_[rank] = std::move(p);
+  wake();  // wireup messages need progress
+}
+
+int Engine::add_remote_region(int peer, uintptr_t addr, size_t nbytes, MemKind kind, const std::string& rkey,
+                              const std::string& ipc, size_t ipc_offset) {
+  Peer& p = peer_ref(peer);
+  RemoteRegion r;
+  r.addr = addr;
+  r.nbytes = nbytes;
+  r.kind = kind;
+  ucs_status_t s;
+  {
+    UcxLock lock(*this);
+    s = ucp_ep_rkey_unpack(p.ep, rkey.data(), &r.rkey);
+  }
+  if (s != UCS_OK)
+    AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: cannot unpack a remote key of ", p.label, ": ", ucs_status_string(s),
+                 " (no common transport for this memory type?)");
+  // Same-host GPU memory: map it for the copy-engine path; UCX stays the fallback.
+  if (kind == MemKind::kCuda && !ipc.empty() && p.same_host && opt_.device >= 0) {
+    try {
+      r.ipc_base = gpu::open_handle(ipc, opt_.device);
+      r.ipc_ptr = static_cast<char*>(r.ipc_base) + ipc_offset;
+    } catch (const std::exception&) {
+      r.ipc_base = nullptr;  // e.g. no peer access between these GPUs: UCX cuda_ipc/cuda_copy instead
+    }
+  }
+  p.regions.push_back(r);
+  return static_cast<int>(p.regions.size()) - 1;
+}
+
+std::string Engine::backend(int peer, int remote_region) {
+  Peer& p = peer_ref(peer);
+  if (remote_region < 0 || remote_region >= static_cast<int>(p.regions.size()))
+    AFDKIT_THROW(ValueError, "afdkit.mesh: unknown remote region ", remote_region, " of ", p.label);
+  return p.regions[remote_region].ipc_ptr ? "ipc" : "ucx";
+}
+
+// ---- put ------------------------------------------------------------------------
+
+const RemoteRegion& Engine::remote_ref(Peer& p, int region, size_t offset, size_t nbytes, const char* what) {
+  if (region < 0 || region >= static_cast<int>(p.regions.size()))
+    AFDKIT_THROW(ValueError, "afdkit.mesh.put: unknown ", what, " region ", region, " of ", p.label);
+  const RemoteRegion& r = p.regions[region];
+  if (offset > r.nbytes || nbytes > r.nbytes - offset)
+    AFDKIT_THROW(ValueError, "afdkit.mesh.put: ", what, " bytes [", offset, ", ", offset + nbytes,
+                 ") overflow the remote region of ", r.nbytes, " bytes at ", p.label);
+  return r;
+}
+
+void Engine::put(const PutOp& op) {
+  if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh.put: the mesh of rank ", opt_.rank, " is closed");
+  Peer& p = peer_ref(op.peer);
+  const RemoteRegion& r = remote_ref(p, op.region, op.offset, op.nbytes, "data");
+  const RemoteRegion* s = nullptr;
+  if (op.sig_region >= 0) {
+    s = &remote_ref(p, op.sig_region, op.sig_offset, 8, "signal");
+    if (op.sig_offset % 8 != 0) AFDKIT_THROW(ValueError, "afdkit.mesh.put: signal offset must be 8-byte aligned");
+  }
+  if (op.best_effort && peer_state(op.peer) != 0) return;
+  check_health(op.peer, "put");
+  tracer_.record(op.tag, op.peer, TraceKind::kEnqueue, op.nbytes);
+  if (op.stream && r.ipc_ptr && (!s || s->ipc_ptr)) {
+    // Same-host GPUs: a copy engine moves the data, the stream writes the signal.
+    auto stream = reinterpret_cast<cudaStream_t>(op.stream);
+    if (op.nbytes) gpu::copy_async(r.ipc_ptr + op.offset, op.src, op.nbytes, stream);
+    tracer_.record(op.tag, op.peer, TraceKind::kPosted, op.nbytes);
+    if (s) gpu::write_value(stream, reinterpret_cast<uint64_t*>(s->ipc_ptr + op.sig_offset), op.sig_value);
+    return;
+  }
+  if (op.stream) {
+    // UCX posts from the CPU: the progress thread posts once the stream reached this point.
+    StreamPut sp{gpu::record_event(reinterpret_cast<cudaStream_t>(op.stream)), op};
+    {
+      std::lock_guard<std::mutex> lock(stream_mu_);
+      stream_puts_.push_back(sp);
+    }
+    wake();
+    return;
+  }
+  try {
+    UcxLock lock(*this);
+    post_ucx_locked(op);
+  } catch (const MeshPeerLost&) {
+    // A peer that resets our connection has usually closed because another rank died
+    // first; give that rank's report (or our own liveness check) a moment to arrive so
+    // that the error names the root cause, not only its consequence.
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
+    while (std::chrono::steady_clock::now() < deadline && lost_count() < 2)
+      std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    check_health(op.peer, "put");
+    throw;
+  }
+}
+
+int Engine::lost_count() const {
+  int n = 0;
+  for (int r = 0; r < opt_.world_size; ++r) {
+    const uint64_t kind = peer_state(r) & 0xff;
+    n += kind == static_cast<uint64_t>(PeerState::kLost) || kind == static_cast<uint64_t>(PeerState::kAborted);
+  }
+  return n;
+}
+
+namespace {
+// Posts one ucp_put_nbx; returns true when it is still in flight.
+bool issue(ucp_ep_h ep, const void* src, size_t n, uintptr_t raddr, ucp_rkey_h rkey, OpCtx* ctx,
+           std::atomic<int64_t>& outstanding, const std::string& label) {
+  ucp_request_param_t prm{};
+  prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+  prm.cb.send = put_done_cb;
+  prm.user_data = ctx;
+  outstanding.fetch_add(1);
+  ucs_status_ptr_t st = ucp_put_nbx(ep, src, n, raddr, rkey, &prm);
+  if (st == nullptr) {  // completed in place
+    outstanding.fetch_sub(1);
+    return false;
+  }
+  if (UCS_PTR_IS_ERR(st)) {
+    outstanding.fetch_sub(1);
+    delete ctx;
+    AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", label, " failed: ", ucs_status_string(UCS_PTR_STATUS(st)));
+  }
+  return true;
+}
+}  // namespace
+
+void Engine::post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag) {
+  auto* ctx = new OpCtx{this, tag, p.rank, 8, value, false};
+  if (issue(p.ep, &ctx->word, 8, r.addr + offset, r.rkey, ctx, outstanding_, p.label)) {
+    posts_.fetch_add(1);
+    wake();
+  } else {
+    delete ctx;
+  }
+}
+
+void Engine::post_ucx_locked(const PutOp& op) {
+  Peer& p = *peers_[op.peer];
+  bool in_flight = false;
+  if (op.nbytes) {
+    const RemoteRegion& r = p.regions[op.region];
+    auto* ctx = new OpCtx{this, op.tag, op.peer, op.nbytes, 0, tracer_.enabled()};
+    in_flight = issue(p.ep, op.src, op.nbytes, r.addr + op.offset, r.rkey, ctx, outstanding_, p.label);
+    if (!in_flight) {
+      if (ctx->traced) tracer_.record(op.tag, op.peer, TraceKind::kCompleted, op.nbytes);
+      delete ctx;
+    }
+  }
+  // Recorded before the signal goes out, so that posted <= delivered across processes.
+  tracer_.record(op.tag, op.peer, TraceKind::kPosted, op.nbytes);
+  if (op.sig_region >= 0) {
+    // The fence keeps the signal behind the data on every lane of this endpoint.
+    if (op.nbytes) ucx_check(ucp_worker_fence(worker_), "ucp_worker_fence");
+    post_word_locked(p, p.regions[op.sig_region], op.sig_offset, op.sig_value, op.tag);
+  }
+  if (in_flight) {
+    posts_.fetch_add(1);
+    wake();
+  }
+}
+
+void Engine::on_put_done(uint64_t tag, int peer, uint64_t nbytes, ucs_status_t status) {
+  if (peer >= 0) tracer_.record(tag, peer, TraceKind::kCompleted, nbytes);
+  outstanding_.fetch_sub(1);
+}
+
+}  // namespace afdkit::mesh

@@ -1,0 +1,239 @@
+// The mesh engine of one process: a UCX worker, registered memory, one endpoint
+// per peer, one-sided put + signal, host and stream waits, and a progress thread.
+//
+// What it keeps from StepMesh and what it changes:
+// - data moves by one-sided writes between registered buffers posted from the CPU
+//   (UCX: RDMA verbs / shm / tcp; same-host GPUs: CUDA IPC on copy engines); no SM
+//   moves data, and the signal is a sequence number written after the data;
+// - failures raise (MeshTimeout / MeshPeerLost) instead of aborting; a lost peer is
+//   reported to every other rank so their pending waits fail promptly;
+// - no thread pinning, no per-request state that outlives the request, and a
+//   progress thread that sleeps on the worker's event fd when idle.
+//
+// Threading: setup calls (register, add_peer, add_remote_region) happen before
+// traffic, from one thread. put/wait/flush may be called from any thread. Every UCX
+// call runs under one engine mutex (the worker is SERIALIZED); callers take priority
+// over the progress thread, which steps aside while a caller waits for the lock --
+// UCX's own MULTI-mode spinlock let a busy progress loop starve posting threads.
+#pragma once
+#include <cuda_runtime_api.h>
+#include <ucp/api/ucp.h>
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include "mesh/mesh_errors.h"
+#include "mesh/trace.h"
+
+namespace afdkit::mesh {
+
+enum class MemKind : int { kHost = 0, kCuda = 1 };
+
+// What the control word of a rank says about it. A rank's control block holds one
+// word per rank: (state | reporter << 8); 0 means alive.
+enum class PeerState : uint64_t { kAlive = 0, kLost = 1, kLeft = 2, kAborted = 3 };
+
+struct EngineOptions {
+  int rank = 0;
+  int world_size = 1;
+  int device = -1;               // local CUDA device for IPC mappings and events; -1: none
+  double keepalive_s = 1.0;      // UCX keepalive, and the liveness check of same-host peers
+  int spin_us = 50;              // spin this long after activity before backing off / sleeping
+  int max_sleep_us = 200;        // cap of the adaptive backoff of host waits
+  size_t trace_capacity = 1 << 16;
+  std::vector<std::pair<std::string, std::string>> ucx_options;  // ucp_config_modify pairs, e.g. TLS=tcp
+  // UCX error handling of endpoints: "peer" (UCX reports failures; needed across hosts),
+  // "none" (same host only: shm transports lack peer-failure support in UCX; the engine's
+  // own process check finds dead peers), or "auto" (peer, falling back to none for
+  // same-host peers that no transport with failure handling reaches).
+  std::string err_mode = "auto";
+};
+
+struct PutOp {
+  const void* src = nullptr;
+  size_t nbytes = 0;
+  int peer = -1;
+  int region = -1;  // remote region handle of `peer` (from add_remote_region)
+  size_t offset = 0;
+  int sig_region = -1;  // -1: no signal
+  size_t sig_offset = 0;
+  uint64_t sig_value = 0;
+  uintptr_t stream = 0;  // 0: post now from this thread; else ordered after the stream's work
+  uint64_t tag = 0;      // trace id
+  bool best_effort = false;  // skip silently when the peer already left (acknowledgements)
+};
+
+struct LocalRegion {
+  void* ptr = nullptr;
+  size_t nbytes = 0;
+  MemKind kind = MemKind::kHost;
+  int device = -1;
+  ucp_mem_h memh = nullptr;
+  std::string rkey;        // packed remote key
+  std::string ipc;         // CUDA IPC handle of the allocation (GPU regions)
+  size_t ipc_offset = 0;   // ptr - allocation base
+};
+
+struct RemoteRegion {
+  uintptr_t addr = 0;
+  size_t nbytes = 0;
+  MemKind kind = MemKind::kHost;
+  ucp_rkey_h rkey = nullptr;
+  char* ipc_ptr = nullptr;   // mapped peer memory (same host, GPU): the ipc backend
+  void* ipc_base = nullptr;  // what cudaIpcCloseMemHandle takes
+};
+
+class Engine;
+
+struct Peer {
+  int rank = -1;
+  std::string label;  // "rank 3 (ffn)" in messages
+  ucp_ep_h ep = nullptr;
+  int pid = 0;
+  bool same_host = false;
+  bool err_peer = true;  // endpoint created with UCP_ERR_HANDLING_MODE_PEER
+  std::deque<RemoteRegion> regions;  // deque: stable addresses while setup appends
+  int ctrl_region = -1;
+  Engine* engine = nullptr;             // for the UCX error callback
+  std::atomic<bool> notified{false};    // its loss was broadcast to the others
+  std::atomic<int> error_status{0};     // the ucs_status_t UCX reported, if any
+};
+
+class Engine {
+ public:
+  explicit Engine(const EngineOptions& options);
+  ~Engine();
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  // ---- setup ---------------------------------------------------------------
+  std::string address() const { return address_; }
+  int rank() const { return opt_.rank; }
+  int world_size() const { return opt_.world_size; }
+  // Registers caller-owned memory; returns the region id.
+  int register_memory(void* ptr, size_t nbytes, MemKind kind, int device);
+  // Host memory allocated by UCX (shared-memory transports write it directly); zeroed.
+  // Lives until the engine is destroyed.
+  int allocate_host(size_t nbytes);
+  const LocalRegion& region(int id) const;
+  int control_region() const { return ctrl_region_; }
+  void add_peer(int rank, const std::string& label, const std::string& address, int pid, bool same_host);
+  int add_remote_region(int peer, uintptr_t addr, size_t nbytes, MemKind kind, const std::string& rkey,
+                        const std::string& ipc, size_t ipc_offset);
+  void set_peer_control(int peer, int remote_region) { peer_ref(peer).ctrl_region = remote_region; }
+  // "ipc" when puts to this remote region from a stream use CUDA IPC, else "ucx".
+  std::string backend(int peer, int remote_region);
+
+  // ---- data path -----------------------------------------------------------
+  void put(const PutOp& op);
+  // Waits until every put of this process completed locally (sources reusable).
+  void flush(double timeout_s);
+  // Host-blocking: returns once *word >= value; raises MeshTimeout / MeshPeerLost.
+  // `peer` (-1: any) names the writer for messages and for its liveness.
+  void wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
+            const std::string& what, uint64_t tag = 0);
+  // Stream-ordered: work queued on `stream` after this waits for *word >= value.
+  void wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream);
+  // A non-blocking read of a signal word (acquire).
+  uint64_t load(const uint64_t* word, MemKind kind) const;
+
+  // ---- health --------------------------------------------------------------
+  // Throws MeshPeerLost if `peer` (or, with peer == -1, any rank) was lost/aborted.
+  void check_health(int peer, const std::string& what) const;
+  int lost_count() const;  // peers known lost or aborted
+  uint64_t peer_state(int rank) const;
+  // Poisons the mesh: every rank's pending and future calls raise MeshPeerLost.
+  void abort();
+  // Tells the peers this rank leaves, flushes, closes endpoints, stops the thread.
+  void close(double timeout_s);
+  bool closed() const { return closed_; }
+
+  Tracer& tracer() { return tracer_; }
+  // Counters of the progress thread (loops, sleeps in epoll) and of host waits (futex sleeps).
+  struct Stats {
+    uint64_t loops, sleeps, wait_sleeps, outstanding;
+  };
+  Stats stats() const { return {stat_loops_.load(), stat_sleeps_.load(), stat_wait_sleeps_.load(),
+                                static_cast<uint64_t>(outstanding_.load())}; }
+
+  // Called by UCX callbacks (file-local trampolines).
+  void on_ep_error(int peer, ucs_status_t status);
+  void on_put_done(uint64_t tag, int peer, uint64_t nbytes, ucs_status_t status);
+
+ private:
+  // Holds the UCX mutex; announces the caller so that the progress thread yields.
+  class UcxLock {
+   public:
+    explicit UcxLock(Engine& e) : e_(e) {
+      e_.ucx_waiting_.fetch_add(1);
+      e_.ucx_mu_.lock();
+      e_.ucx_waiting_.fetch_sub(1);
+    }
+    ~UcxLock() { e_.ucx_mu_.unlock(); }
+    UcxLock(const UcxLock&) = delete;
+    UcxLock& operator=(const UcxLock&) = delete;
+
+   private:
+    Engine& e_;
+  };
+  struct StreamPut {  // a UCX put that waits for the caller's stream to reach it
+    cudaEvent_t event;
+    PutOp op;
+  };
+  Peer& peer_ref(int rank);
+  const RemoteRegion& remote_ref(Peer& p, int region, size_t offset, size_t nbytes, const char* what);
+  // *_locked: the caller holds the UCX mutex.
+  void post_ucx_locked(const PutOp& op);
+  void post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag);
+  void progress_loop();
+  bool drain_stream_puts();
+  void broadcast_state(int subject, PeerState state);
+  void check_liveness();
+  void wake();
+  void notify_waiters();
+  void sleep_on_activity(uint32_t seen, int us);
+  std::string describe_state(int subject) const;
+  volatile uint64_t* ctrl_words() const;
+
+  EngineOptions opt_;
+  ucp_context_h context_ = nullptr;
+  ucp_worker_h worker_ = nullptr;
+  std::string address_;
+  std::deque<LocalRegion> regions_;
+  std::vector<bool> owned_;  // allocated by UCX (ALLOCATE) vs caller-owned
+  std::vector<std::unique_ptr<Peer>> peers_;
+  int ctrl_region_ = -1;
+  Tracer tracer_;
+
+  std::mutex ucx_mu_;
+  std::atomic<int> ucx_waiting_{0};
+  std::mutex stream_mu_;
+  std::deque<StreamPut> stream_puts_;
+  std::atomic<int64_t> outstanding_{0};
+  std::atomic<int> pending_broadcasts_{0};
+  std::atomic<uint64_t> posts_{0};  // bumped by callers before they check sleeping_
+  // Bumped by the progress thread after it made progress; host waits sleep on it (futex)
+  // so that data the progress thread lands (tcp, AM-emulated RMA) wakes them at once.
+  alignas(64) std::atomic<uint32_t> activity_{0};
+  std::atomic<int> waiters_{0};
+  std::atomic<int> spinning_waiters_{0};  // waits that drive the worker themselves
+  std::atomic<uint64_t> stat_loops_{0}, stat_sleeps_{0}, stat_wait_sleeps_{0};
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> sleeping_{false};
+  std::atomic<bool> closed_{false};
+  std::string progress_error_;  // a failure inside the progress thread, reported by waits
+  int wake_fd_ = -1;
+  int epoll_fd_ = -1;
+  std::thread progress_;
+};
+
+std::string status_str(ucs_status_t s);
+
+}  // namespace afdkit::mesh

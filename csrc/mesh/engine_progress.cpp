@@ -1,0 +1,443 @@
+// The progress thread, failure detection and propagation, waits, and shutdown.
+#include <linux/futex.h>
+#include <sys/epoll.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <climits>
+#include <cstdio>
+#include <fstream>
+#include <string>
+
+#include "common/errors.h"
+#include "mesh/engine.h"
+#include "mesh/gpu.h"
+
+namespace afdkit::mesh {
+namespace {
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield" ::: "memory");
+#endif
+}
+
+void sleep_us(int us) {
+  timespec ts{us / 1000000, (us % 1000000) * 1000L};
+  nanosleep(&ts, nullptr);
+}
+
+// A process of this host that exited (or is a zombie nobody reaped yet) is lost:
+// shared-memory transports have no connection whose break would tell UCX.
+bool process_gone(int pid) {
+  if (pid <= 0) return false;
+  std::ifstream f("/proc/" + std::to_string(pid) + "/stat");
+  if (!f) return true;
+  std::string line;
+  std::getline(f, line);
+  auto close_paren = line.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return false;
+  char state = line[close_paren + 2];
+  return state == 'Z' || state == 'X';
+}
+
+const char* state_name(uint64_t kind) {
+  switch (static_cast<PeerState>(kind)) {
+    case PeerState::kLost: return "was lost";
+    case PeerState::kLeft: return "closed its mesh";
+    case PeerState::kAborted: return "aborted the mesh";
+    default: return "is alive";
+  }
+}
+
+}  // namespace
+
+volatile uint64_t* Engine::ctrl_words() const {
+  return static_cast<volatile uint64_t*>(regions_[ctrl_region_].ptr);
+}
+
+void Engine::wake() {
+  if (sleeping_.load()) {
+    uint64_t one = 1;
+    ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
+    (void)ignored;
+  }
+}
+
+void Engine::notify_waiters() {
+  activity_.fetch_add(1, std::memory_order_release);
+  if (waiters_.load() > 0)
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&activity_), FUTEX_WAKE_PRIVATE, INT32_MAX, nullptr, nullptr, 0);
+}
+
+void Engine::sleep_on_activity(uint32_t seen, int us) {
+  timespec ts{us / 1000000, (us % 1000000) * 1000L};
+  waiters_.fetch_add(1);
+  stat_wait_sleeps_.fetch_add(1, std::memory_order_relaxed);
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&activity_), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+  waiters_.fetch_sub(1);
+}
+
+// ---- progress thread ------------------------------------------------------------
+
+void Engine::progress_loop() {
+  const int64_t spin_ns = static_cast<int64_t>(opt_.spin_us) * 1000;
+  const int64_t liveness_ns = std::max<int64_t>(1000000, static_cast<int64_t>(opt_.keepalive_s * 1e9 / 2));
+  // Keepalive runs inside ucp_worker_progress: wake up often enough for it.
+  const int sleep_ms = std::clamp(static_cast<int>(opt_.keepalive_s * 1000 / 4), 1, 100);
+  int64_t last_active = now_ns(), last_liveness = last_active, last_progress = last_active;
+  while (!stop_.load()) {
+    const uint64_t seen = posts_.load();
+    stat_loops_.fetch_add(1, std::memory_order_relaxed);
+    bool active = false;
+    if (ucx_waiting_.load() > 0) {
+      std::this_thread::yield();  // a caller wants the worker: let it post first
+      continue;
+    }
+    {
+      UcxLock lock(*this);
+      for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) active = true;
+    }
+    int64_t now = now_ns();
+    if (active) {
+      notify_waiters();
+      last_progress = now;
+    }
+    // Requests in flight need progress (tcp fragments): stay awake while they move.
+    if (drain_stream_puts() || (outstanding_.load() > 0 && now - last_progress < 5000000)) active = true;
+    if (pending_broadcasts_.load() > 0) {
+      pending_broadcasts_.store(0);
+      for (int r = 0; r < opt_.world_size; ++r) {
+        if (r != opt_.rank && peers_[r] && peers_[r]->notified.load() && ctrl_words()[r] != 0 &&
+            (ctrl_words()[r] & 0xff) == static_cast<uint64_t>(PeerState::kLost)) {
+          broadcast_state(r, PeerState::kLost);
+        }
+      }
+      active = true;
+    }
+    if (now - last_liveness > liveness_ns) {
+      check_liveness();
+      last_liveness = now;
+    }
+    if (active) {
+      last_active = now;
+      continue;
+    }
+    // A spinning waiter progresses the worker itself: do not compete with it for a core.
+    if (now - last_active < spin_ns && spinning_waiters_.load() == 0) {
+      cpu_relax();
+      continue;
+    }
+    // Dekker-style handshake with wake(): either we see the new post or the poster sees us asleep.
+    sleeping_.store(true);
+    ucs_status_t armed;
+    {
+      UcxLock lock(*this);
+      armed = posts_.load() != seen ? UCS_ERR_BUSY : ucp_worker_arm(worker_);
+    }
+    if (armed != UCS_OK) {
+      sleeping_.store(false);
+      continue;
+    }
+    epoll_event evs[4];
+    stat_sleeps_.fetch_add(1, std::memory_order_relaxed);
+    epoll_wait(epoll_fd_, evs, 4, sleep_ms);
+    sleeping_.store(false);
+    uint64_t drained;
+    while (::read(wake_fd_, &drained, sizeof(drained)) > 0) {
+    }
+    last_active = now_ns();  // spin a little after a wakeup: more traffic usually follows
+  }
+}
+
+bool Engine::drain_stream_puts() {
+  std::unique_lock<std::mutex> lock(stream_mu_);
+  if (stream_puts_.empty()) return false;
+  while (!stream_puts_.empty()) {
+    StreamPut& head = stream_puts_.front();
+    bool done = true;
+    try {
+      done = gpu::event_done(head.event);
+    } catch (const std::exception& e) {
+      progress_error_ = e.what();
+    }
+    if (!done) return true;  // FIFO: later puts stay behind this one
+    StreamPut sp = head;
+    stream_puts_.pop_front();
+    lock.unlock();
+    gpu::destroy_event(sp.event);
+    try {
+      UcxLock ucx(*this);
+      if (progress_error_.empty() && peer_state(sp.op.peer) == 0) post_ucx_locked(sp.op);
+    } catch (const std::exception& e) {
+      progress_error_ = e.what();
+    }
+    lock.lock();
+  }
+  return true;
+}
+
+// ---- failures ---------------------------------------------------------------------
+
+void Engine::on_ep_error(int peer, ucs_status_t status) {
+  if (peer < 0 || peer >= opt_.world_size || !peers_[peer]) return;
+  Peer& p = *peers_[peer];
+  auto* word = reinterpret_cast<uint64_t*>(const_cast<uint64_t*>(ctrl_words()) + peer);
+  uint64_t expected = 0;
+  const uint64_t lost = static_cast<uint64_t>(PeerState::kLost) | (static_cast<uint64_t>(opt_.rank) << 8);
+  // A peer that announced its leaving (or an abort) keeps that state: its closing is no crash.
+  if (__atomic_compare_exchange_n(word, &expected, lost, false, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+    p.error_status.store(static_cast<int>(status));
+    if (!p.notified.exchange(true)) pending_broadcasts_.fetch_add(1);
+  }
+}
+
+void Engine::broadcast_state(int subject, PeerState state) {
+  const uint64_t value = static_cast<uint64_t>(state) | (static_cast<uint64_t>(opt_.rank) << 8);
+  for (int r = 0; r < opt_.world_size; ++r) {
+    if (r == opt_.rank || r == subject || !peers_[r] || peers_[r]->ctrl_region < 0) continue;
+    if (ctrl_words()[r] != 0) continue;  // do not talk to the dead
+    Peer& q = *peers_[r];
+    try {
+      UcxLock lock(*this);
+      post_word_locked(q, q.regions[q.ctrl_region], static_cast<size_t>(subject) * 8, value, 0);
+    } catch (const std::exception&) {
+      // that peer is failing too; its own error callback reports it
+    }
+  }
+}
+
+void Engine::check_liveness() {
+  for (int r = 0; r < opt_.world_size; ++r) {
+    if (!peers_[r] || !peers_[r]->same_host || ctrl_words()[r] != 0) continue;
+    if (process_gone(peers_[r]->pid)) on_ep_error(r, UCS_ERR_ENDPOINT_TIMEOUT);
+  }
+}
+
+uint64_t Engine::peer_state(int rank) const {
+  if (rank < 0 || rank >= opt_.world_size) return 0;
+  return __atomic_load_n(const_cast<uint64_t*>(ctrl_words()) + rank, __ATOMIC_ACQUIRE);
+}
+
+std::string Engine::describe_state(int subject) const {
+  const uint64_t s = peer_state(subject);
+  const int reporter = static_cast<int>(s >> 8);
+  std::string who = subject == opt_.rank ? str_cat("rank ", subject, " (this rank)")
+                    : peers_[subject]    ? peers_[subject]->label
+                                         : str_cat("rank ", subject);
+  std::string out = str_cat(who, " ", state_name(s & 0xff));
+  if (reporter == opt_.rank && subject != opt_.rank && peers_[subject]) {
+    int st = peers_[subject]->error_status.load();
+    out += str_cat(" (detected by this rank, rank ", opt_.rank,
+                   st ? str_cat(": ", ucs_status_string(static_cast<ucs_status_t>(st))) : std::string(), ")");
+  } else if (reporter != subject) {
+    out += str_cat(" (reported by rank ", reporter, ")");
+  }
+  return out;
+}
+
+void Engine::check_health(int peer, const std::string& what) const {
+  // Root causes (a crash, an abort) first, all of them: which one came first cannot be
+  // told from here, and a peer that closed because of another's death is a consequence.
+  std::string lost;
+  for (int r = 0; r < opt_.world_size; ++r) {
+    const uint64_t kind = peer_state(r) & 0xff;
+    if (kind == static_cast<uint64_t>(PeerState::kLost) || kind == static_cast<uint64_t>(PeerState::kAborted))
+      lost += (lost.empty() ? "" : "; ") + describe_state(r);
+  }
+  if (!lost.empty())
+    AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", lost, "; the mesh is unusable");
+  if (peer >= 0 && peer_state(peer) != 0)
+    AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", describe_state(peer));
+  if (!progress_error_.empty())
+    AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " ", what, ": the progress thread failed: ",
+                 progress_error_);
+}
+
+void Engine::abort() {
+  if (closed_) return;
+  auto* word = reinterpret_cast<uint64_t*>(const_cast<uint64_t*>(ctrl_words()) + opt_.rank);
+  __atomic_store_n(word, static_cast<uint64_t>(PeerState::kAborted) | (static_cast<uint64_t>(opt_.rank) << 8),
+                   __ATOMIC_SEQ_CST);
+  broadcast_state(opt_.rank, PeerState::kAborted);
+}
+
+// ---- waits --------------------------------------------------------------------------
+
+uint64_t Engine::load(const uint64_t* word, MemKind kind) const {
+  if (kind == MemKind::kCuda) return gpu::read_word(word);
+  return __atomic_load_n(word, __ATOMIC_ACQUIRE);
+}
+
+void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
+                  const std::string& what, uint64_t tag) {
+  const int64_t start = now_ns();
+  const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
+  const int64_t spin_end = start + static_cast<int64_t>(opt_.spin_us) * 1000;
+  int backoff_us = 1;
+  // While spinning, the waiter drives the worker itself (data that the receiver's
+  // progress lands, e.g. over tcp, arrives without a thread handoff).
+  struct Spinning {
+    std::atomic<int>& n;
+    bool on = true;
+    explicit Spinning(std::atomic<int>& c) : n(c) { n.fetch_add(1); }
+    void off() {
+      if (on) n.fetch_sub(1);
+      on = false;
+    }
+    ~Spinning() { off(); }
+  } spinning_guard(spinning_waiters_);
+  for (uint64_t iter = 0;; ++iter) {
+    const uint32_t seen = activity_.load(std::memory_order_acquire);
+    uint64_t cur = load(word, kind);
+    if (cur >= value) {
+      tracer_.record(tag, peer, TraceKind::kDelivered, 0);
+      return;
+    }
+    const int64_t now = now_ns();
+    const bool spinning = now < spin_end;
+    if (spinning && !closed_ && ucx_waiting_.load() == 0 && ucx_mu_.try_lock()) {
+      if (worker_) ucp_worker_progress(worker_);
+      ucx_mu_.unlock();
+    } else if (!spinning) {
+      spinning_guard.off();
+    }
+    if (!spinning || (iter & 63) == 0) {
+      if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", what, " on a closed mesh");
+      check_health(peer, str_cat("waiting for ", what));
+    }
+    if (now > deadline) {
+      char waited[32];
+      std::snprintf(waited, sizeof(waited), "%.3f", (now - start) * 1e-9);
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", what,
+                   peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
+                   " (signal is ", cur, ", expected >= ", value, ")");
+    }
+    if (spinning) {
+      cpu_relax();
+      continue;
+    }
+    // Bounded adaptive backoff: no core burns while a slow peer computes; the progress
+    // thread cuts the sleep short when it lands data.
+    sleep_on_activity(seen, backoff_us);
+    backoff_us = std::min(backoff_us * 2, std::max(1, opt_.max_sleep_us));
+  }
+}
+
+void Engine::wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream) {
+  check_health(-1, "stream wait");
+  gpu::wait_value(reinterpret_cast<cudaStream_t>(stream), word, value);
+}
+
+void Engine::flush(double timeout_s) {
+  const int64_t start = now_ns();
+  const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
+  int backoff_us = 1;
+  for (;;) {
+    bool queued;
+    {
+      std::lock_guard<std::mutex> lock(stream_mu_);
+      queued = !stream_puts_.empty();
+    }
+    if (!queued && outstanding_.load() <= 0) return;
+    if (now_ns() > deadline)
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " flush timed out after ", timeout_s, " s with ",
+                   outstanding_.load(), " puts in flight", queued ? " and stream-ordered puts queued" : "");
+    wake();
+    sleep_us(backoff_us);
+    backoff_us = std::min(backoff_us * 2, 200);
+  }
+}
+
+// ---- shutdown -------------------------------------------------------------------------
+
+namespace {
+struct FlushState {
+  bool done = false;
+};
+void flush_cb(void* request, ucs_status_t, void* user_data) {
+  static_cast<FlushState*>(user_data)->done = true;
+  ucp_request_free(request);
+}
+}  // namespace
+
+void Engine::close(double timeout_s) {
+  if (closed_.exchange(true)) return;
+  if (!worker_) return;
+  // Pass on any loss this rank found before saying goodbye (peers should learn the cause),
+  // then announce the departure so that peers do not take the disconnect for a crash.
+  for (int r = 0; r < opt_.world_size; ++r) {
+    if (r != opt_.rank && (peer_state(r) & 0xff) == static_cast<uint64_t>(PeerState::kLost) &&
+        static_cast<int>(peer_state(r) >> 8) == opt_.rank)
+      broadcast_state(r, PeerState::kLost);
+  }
+  if (peer_state(opt_.rank) == 0) broadcast_state(opt_.rank, PeerState::kLeft);
+  try {
+    flush(timeout_s);
+  } catch (const std::exception&) {
+  }
+  // Remote completion of what we sent (the announcement included) before the sockets close.
+  std::vector<std::unique_ptr<FlushState>> flushes;
+  UcxLock lock(*this);
+  for (auto& p : peers_) {
+    if (!p || !p->ep || peer_state(p->rank) != 0) continue;
+    auto st = std::make_unique<FlushState>();
+    ucp_request_param_t prm{};
+    prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
+    prm.cb.send = flush_cb;
+    prm.user_data = st.get();
+    ucs_status_ptr_t r = ucp_ep_flush_nbx(p->ep, &prm);
+    if (r != nullptr && !UCS_PTR_IS_ERR(r)) flushes.push_back(std::move(st));
+  }
+  posts_.fetch_add(1);
+  wake();
+  ucx_mu_.unlock();  // the progress thread completes the flushes
+  const int64_t deadline = now_ns() + static_cast<int64_t>(timeout_s * 1e9);
+  for (auto& f : flushes) {
+    while (!__atomic_load_n(&f->done, __ATOMIC_ACQUIRE) && now_ns() < deadline) sleep_us(50);
+  }
+  stop_.store(true);
+  uint64_t one = 1;
+  ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
+  (void)ignored;
+  if (progress_.joinable()) progress_.join();
+  ucx_mu_.lock();  // released by `lock` at the end of this scope
+  for (auto& f : flushes) {
+    while (!f->done && now_ns() < deadline) ucp_worker_progress(worker_);
+    if (!f->done) f.release();  // the callback may still run later: leak the flag, not a dangling pointer
+  }
+  for (auto& p : peers_) {
+    if (!p) continue;
+    for (auto& r : p->regions) {
+      if (r.rkey) ucp_rkey_destroy(r.rkey);
+      gpu::close_handle(r.ipc_base);
+    }
+    if (p->ep) {
+      ucp_request_param_t prm{};
+      prm.op_attr_mask = UCP_OP_ATTR_FIELD_FLAGS;
+      // FORCE: no handshake with a peer that may be gone (needs error mode PEER); an
+      // endpoint without failure handling to a dead peer is left to ucp_worker_destroy.
+      prm.flags = p->err_peer ? UCP_EP_CLOSE_FLAG_FORCE : 0;
+      if (!p->err_peer && peer_state(p->rank) != 0 &&
+          (peer_state(p->rank) & 0xff) != static_cast<uint64_t>(PeerState::kLeft)) {
+        p->ep = nullptr;
+        continue;
+      }
+      ucs_status_ptr_t r = ucp_ep_close_nbx(p->ep, &prm);
+      const int64_t ep_deadline = now_ns() + 100000000;  // 100 ms
+      while (r != nullptr && !UCS_PTR_IS_ERR(r) && ucp_request_check_status(r) == UCS_INPROGRESS &&
+             now_ns() < ep_deadline)
+        ucp_worker_progress(worker_);
+      if (r != nullptr && !UCS_PTR_IS_ERR(r)) ucp_request_free(r);
+      p->ep = nullptr;
+    }
+  }
+  ucp_worker_destroy(worker_);
+  worker_ = nullptr;
+}
+
+}  // namespace afdkit::mesh

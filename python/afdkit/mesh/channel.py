@@ -1,0 +1,452 @@
+"""The AFD channel: per layer and microbatch, attention ranks send rows (hidden states,
+scales, routing) to FFN ranks and receive their results back.
+
+StepMesh's semantics without its pitfalls:
+
+- **Slots.** Every (layer parity, microbatch) pair has a fixed, pre-registered slot per
+  peer pair, sized from ``max_tokens`` at setup. A send larger than the slot raises
+  ``ValueError`` before anything moves.
+- **Credits.** A slot is rewritten only after its receiver acknowledged the previous
+  message (a signal written back after it copied the rows out), so nothing is ever
+  overwritten in flight: no loss, no duplication, no reordering within a key. Each
+  message carries (sequence, layer, microbatch) and the receiver checks them.
+- **Routing.** ``broadcast``: every FFN rank gets every row (tensor-parallel FFN).
+  ``routed``: a row goes only to the FFN ranks named by a per-row mask ``[T, n_ffn]``
+  or by its top-k expert ids through ``expert_map`` (expert-parallel FFN). Every lane
+  carries a message per (layer, microbatch), possibly of zero rows, so the receiver
+  always knows when it has everything.
+- **Errors, not aborts.** Waits time out with ``MeshTimeout`` naming peer, layer and
+  microbatch; a dead peer raises ``MeshPeerLost`` on every rank.
+- **No leaks.** Per-request state lives from ``send`` to ``recv`` (attention) and from
+  ``recv_batch`` to ``send_back`` (FFN), and at most one request per key.
+
+Message layout in a slot: a 64-byte header (int64: seq, layer, microbatch, rows,
+source rank, magic), then (routed) the int32 row indices, then each tensor's rows,
+every section 16-byte aligned, packed for the actual row count so one put moves it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from afdkit.mesh.core import Mesh
+from afdkit.mesh.errors import MeshError
+
+_MAGIC = 0x41464443  # "AFDC"
+_HEADER = 64
+_ALIGN = 16
+_CONSUMED = 4  # TraceKind::kConsumed
+
+
+def _align(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One per-row tensor of a message: rows are dimension 0, ``shape`` the rest."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape) * torch.empty((), dtype=self.dtype).element_size()
+
+
+@dataclass
+class ChannelConfig:
+    max_tokens: int  # rows one attention rank sends per microbatch, at most
+    send: tuple[TensorSpec, ...]  # attention -> FFN, per row
+    recv: tuple[TensorSpec, ...]  # FFN -> attention, per row
+    mode: str = "broadcast"  # or "routed"
+    num_microbatches: int = 3
+    name: str = "afd"
+    device: str = "cpu"
+    expert_map: tuple[int, ...] | None = None  # routed: expert id -> index into the FFN ranks
+    timeout_s: float | None = None  # default: the mesh's
+    num_layers: int | None = None  # when set, layer ids are range-checked
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("broadcast", "routed"):
+            raise ValueError(f"afdkit.mesh.ChannelConfig: mode must be 'broadcast' or 'routed', got {self.mode!r}")
+        if self.max_tokens <= 0 or self.num_microbatches <= 0:
+            raise ValueError("afdkit.mesh.ChannelConfig: max_tokens and num_microbatches must be positive")
+        if not self.send or not self.recv:
+            raise ValueError("afdkit.mesh.ChannelConfig: 'send' and 'recv' need at least one TensorSpec each")
+
+
+class _Layout:
+    """Byte layout of one message with n rows of ``specs``."""
+
+    def __init__(self, specs: Sequence[TensorSpec], routed: bool, max_tokens: int) -> None:
+        self.specs, self.routed = tuple(specs), routed
+        self.capacity = self.size(max_tokens)
+
+    def offsets(self, n: int) -> tuple[int, list[int], int]:
+        pos = _HEADER
+        idx = pos
+        if self.routed:
+            pos += _align(4 * n)
+        offs = []
+        for s in self.specs:
+            offs.append(pos)
+            pos += _align(n * s.row_bytes)
+        return idx, offs, pos
+
+    def size(self, n: int) -> int:
+        return self.offsets(n)[2]
+
+    def pack(self, slot: torch.Tensor, header: list[int], idx: torch.Tensor | None,
+             tensors: Sequence[torch.Tensor], rows: torch.Tensor | None) -> int:
+        n = header[3]
+        i0, offs, end = self.offsets(n)
+        slot[:_HEADER].view(torch.int64)[:8].copy_(torch.tensor(header + [0] * (8 - len(header)), dtype=torch.int64))
+        if self.routed and n:
+            slot[i0 : i0 + 4 * n].view(torch.int32).copy_(idx)
+        for s, off, t in zip(self.specs, offs, tensors):
+            if n == 0:
+                continue
+            # Copy bytes: torch's CPU copy of fp8/bf16 elements is far slower than a memcpy.
+            src = t.contiguous().view(torch.uint8).view(t.shape[0], s.row_bytes)
+            if rows is not None:
+                src = src.index_select(0, rows)
+            slot[off : off + n * s.row_bytes].view(n, s.row_bytes).copy_(src)
+        return end
+
+    def unpack(self, slot: torch.Tensor, n: int) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Copies of the row indices and tensors of a message of n rows in ``slot``."""
+        i0, offs, _ = self.offsets(n)
+        idx = slot[i0 : i0 + 4 * n].clone().view(torch.int32) if self.routed else None
+        copies = [slot[off : off + n * s.row_bytes].clone().view(s.dtype).view(n, *s.shape)
+                  for s, off in zip(self.specs, offs)]
+        return idx, copies
+
+
+@dataclass
+class Batch:
+    """What an FFN rank received for one (layer, microbatch), rows of all attention ranks
+    concatenated in attention-rank order."""
+
+    layer: int
+    microbatch: int
+    tensors: tuple[torch.Tensor, ...]  # one per ChannelConfig.send spec, [sum(counts), ...]
+    sources: list[int]  # attention ranks, in order
+    counts: list[int]  # rows from each (may differ, may be 0)
+    row_index: list[torch.Tensor | None] = field(default_factory=list)  # routed: rows' ids at their sender
+
+    @property
+    def num_rows(self) -> int:
+        return sum(self.counts)
+
+
+def tag_of(direction: int, layer: int, mb: int, src: int, dst: int) -> int:
+    """Trace id of a channel message: direction (0: A->F, 1: F->A), layer, microbatch, ranks."""
+    return (direction << 62) | ((layer & 0xFFFFF) << 40) | ((mb & 0xFF) << 32) | ((src & 0xFFFF) << 16) | (dst & 0xFFFF)
+
+
+class AfdChannel:
+    """One rank's end of the A<->F exchange. Collective to construct (after
+    ``mesh.connect``): it registers the slots and publishes them to the peers.
+
+    Attention ranks call :meth:`send` and :meth:`recv`; FFN ranks call
+    :meth:`recv_batch` and :meth:`send_back`, per (layer, microbatch) in the same order
+    on every rank.
+    """
+
+    def __init__(self, mesh: Mesh, config: ChannelConfig) -> None:
+        self.mesh, self.config = mesh, config
+        self.att, self.ffn = mesh.ranks("attention"), mesh.ranks("ffn")
+        if not self.att or not self.ffn:
+            raise ValueError(f"afdkit.mesh.AfdChannel: needs attention and FFN ranks, got roles {mesh.roles}")
+        if config.mode == "routed" and config.expert_map is not None:
+            bad = [e for e in config.expert_map if not 0 <= e < len(self.ffn)]
+            if bad:
+                raise ValueError(f"afdkit.mesh.ChannelConfig: expert_map names FFN indices {bad} outside "
+                                 f"[0, {len(self.ffn)})")
+        self.is_attention = mesh.role == "attention"
+        self.K = 2 * config.num_microbatches  # slots per peer pair: (layer parity, microbatch)
+        routed = config.mode == "routed"
+        self.fwd = _Layout(config.send, routed, config.max_tokens)
+        self.bwd = _Layout(config.recv, False, config.max_tokens)
+        self.timeout_s = config.timeout_s if config.timeout_s is not None else mesh.config.timeout_s
+        self._peers = self.ffn if self.is_attention else self.att
+        self._me = (self.att if self.is_attention else self.ffn).index(mesh.rank)
+        P, K = len(self._peers), self.K
+        n = f"afd.{config.name}"
+        self._in_name, self._sig_name = f"{n}.in", f"{n}.sig"
+        if self.is_attention:
+            in_bytes, in_cap = P * K * self.bwd.capacity, self.bwd.capacity
+            out_bytes = (P if routed else 1) * K * self.fwd.capacity
+        else:
+            in_bytes, in_cap = P * K * self.fwd.capacity, self.fwd.capacity
+            out_bytes = P * K * self.bwd.capacity
+        dev = config.device
+        self._in = mesh.alloc(self._in_name, in_bytes, dev)
+        self._out = mesh.alloc(f"{n}.out", out_bytes, dev)
+        self._sig = mesh.alloc(self._sig_name, 2 * P * K * 8, dev)
+        self._in_cap = in_cap
+        self._cuda = torch.device(dev).type == "cuda"
+        self._sig_region = {p: None for p in self._peers}
+        self._sent = [[0] * K for _ in range(P)]  # messages written to each peer's slot
+        self._got = [[0] * K for _ in range(P)]  # messages read from each peer's slot
+        self._pending: dict[tuple[int, int], tuple[int, list[torch.Tensor | None]]] = {}
+        self._batches: dict[tuple[int, int], Batch] = {}
+        mesh.publish(f"channel/{config.name}")
+        eng = mesh.engine
+        self._remote_in = {p: mesh.remote(p, self._in_name).handle for p in self._peers}
+        self._remote_sig = {p: mesh.remote(p, self._sig_name).handle for p in self._peers}
+        self._eng = eng
+
+    # ---- keys and offsets ---------------------------------------------------------------
+
+    def _key(self, layer: int, mb: int, op: str) -> int:
+        c = self.config
+        if not isinstance(layer, int) or not isinstance(mb, int):
+            raise TypeError(f"afdkit.mesh.{op}: layer and microbatch must be ints, got {layer!r}, {mb!r}")
+        if not 0 <= mb < c.num_microbatches:
+            raise ValueError(f"afdkit.mesh.{op}: unknown microbatch {mb} (the channel has {c.num_microbatches})")
+        if layer < 0 or (c.num_layers is not None and layer >= c.num_layers):
+            raise ValueError(f"afdkit.mesh.{op}: unknown layer {layer}"
+                             + (f" (the channel has {c.num_layers})" if c.num_layers else ""))
+        return (layer % 2) * c.num_microbatches + mb
+
+    def _recv_sig_off(self, pi: int, k: int) -> int:  # at this rank: data signal from peer pi
+        return (pi * self.K + k) * 8
+
+    def _ack_off(self, pi: int, k: int) -> int:  # at this rank: ack from peer pi of our slot k
+        return (len(self._peers) * self.K + pi * self.K + k) * 8
+
+    def _my_ack_off_at_peer(self, k: int) -> int:  # at the peer: where our ack for its slot k goes
+        peers_of_peer = len(self.att if self.is_attention else self.ffn)
+        return (peers_of_peer * self.K + self._me * self.K + k) * 8
+
+    def _stream(self) -> int:
+        return torch.cuda.current_stream().cuda_stream if self._cuda else 0
+
+    def _wait(self, offset: int, value: int, peer: int, what: str, tag: int = 0) -> None:
+        ptr = self._sig.data_ptr() + offset
+        self._eng.wait(ptr, value, self.timeout_s, peer, what, tag, self._cuda)
+
+    # ---- shared send/receive steps ---------------------------------------------------------
+
+    def _post(self, pi: int, k: int, slot: torch.Tensor, nbytes: int, in_layout: _Layout, tag: int) -> None:
+        """Writes our packed message into peer pi's slot k, then its signal."""
+        peer = self._peers[pi]
+        seq = self._sent[pi][k] + 1
+        dst = (self._me * self.K + k) * in_layout.capacity
+        self._eng.put(slot.data_ptr(), nbytes, peer, self._remote_in[peer], dst, self._remote_sig[peer],
+                      (self._me * self.K + k) * 8, seq, self._stream(), tag)
+        self._sent[pi][k] = seq
+
+    def _await_credit(self, pi: int, k: int, layer: int, mb: int) -> None:
+        """Blocks until peer pi consumed our previous message in slot k."""
+        prev = self._sent[pi][k]
+        if prev:
+            self._wait(self._ack_off(pi, k), prev, self._peers[pi],
+                       f"the slot of layer {layer} microbatch {mb} to be released (previous message consumed)")
+
+    def _take(self, pi: int, k: int, layer: int, mb: int, layout: _Layout, direction: int) -> tuple:
+        """Waits for peer pi's next message in slot k; returns (rows, index, copies)."""
+        peer = self._peers[pi]
+        seq = self._got[pi][k] + 1
+        tag = tag_of(direction, layer, mb, peer, self.mesh.rank)
+        side = "results" if direction else "rows"
+        self._wait(self._recv_sig_off(pi, k), seq, peer, f"the {side} of layer {layer} microbatch {mb}", tag)
+        slot = self._in[(pi * self.K + k) * layout.capacity : (pi * self.K + k + 1) * layout.capacity]
+        hdr = slot[:_HEADER].view(torch.int64)[:6].tolist()
+        if hdr[5] != _MAGIC or hdr[0] != seq or hdr[1] != layer or hdr[2] != mb:
+            raise MeshError(f"afdkit.mesh: rank {self.mesh.rank} expected message {seq} of layer {layer} microbatch "
+                            f"{mb} from rank {peer} but found seq {hdr[0]} layer {hdr[1]} microbatch {hdr[2]}: "
+                            "the ranks disagree on the order of (layer, microbatch) calls")
+        n = hdr[3]
+        idx, copies = layout.unpack(slot, n)
+        idx = None if idx is None else idx.to(torch.int64)
+        self._got[pi][k] = seq
+        # Release the slot: the writer may now reuse it (stream-ordered after the copies on GPU).
+        self._eng.put(0, 0, peer, self._remote_sig[peer], 0, self._remote_sig[peer], self._my_ack_off_at_peer(k), seq,
+                      self._stream(), 0, True)
+        self._eng.mark(tag, peer, _CONSUMED, layout.size(n))
+        return n, idx, copies
+
+    def _check_tensors(self, op: str, specs: Sequence[TensorSpec], tensors: Sequence[torch.Tensor],
+                       rows: int | None = None, limit: int | None = None) -> int:
+        if len(tensors) != len(specs):
+            raise ValueError(f"afdkit.mesh.{op}: expected {len(specs)} tensor(s) ({[s.name for s in specs]}), "
+                             f"got {len(tensors)}")
+        n = tensors[0].shape[0] if tensors[0].dim() else -1
+        for s, t in zip(specs, tensors):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"afdkit.mesh.{op}: '{s.name}' must be a torch.Tensor, got {type(t).__name__}")
+            if t.dtype != s.dtype:
+                raise TypeError(f"afdkit.mesh.{op}: '{s.name}' must have dtype {s.dtype}, got {t.dtype}")
+            if tuple(t.shape[1:]) != tuple(s.shape) or t.shape[0] != n:
+                raise ValueError(f"afdkit.mesh.{op}: '{s.name}' must have shape [{n}, {', '.join(map(str, s.shape))}]"
+                                 f", got {list(t.shape)}")
+            if t.device.type != torch.device(self.config.device).type:
+                raise ValueError(f"afdkit.mesh.{op}: '{s.name}' is on {t.device}, the channel on {self.config.device}")
+        if rows is not None and n != rows:
+            raise ValueError(f"afdkit.mesh.{op}: expected {rows} rows (what recv_batch returned), got {n}")
+        limit = self.config.max_tokens if limit is None else limit
+        if n > limit:
+            raise ValueError(f"afdkit.mesh.{op}: {n} rows exceed the channel's max_tokens {limit}; nothing was sent")
+        return n
+
+    # ---- attention side ---------------------------------------------------------------------
+
+    def _routes(self, routing: torch.Tensor | None, n: int) -> list[torch.Tensor | None]:
+        """Per FFN rank, the rows it gets (None: all rows)."""
+        N = len(self.ffn)
+        if self.config.mode == "broadcast":
+            if routing is not None:
+                raise ValueError("afdkit.mesh.send: a broadcast channel takes no routing")
+            return [None] * N
+        if routing is None:
+            raise ValueError("afdkit.mesh.send: a routed channel needs routing (a [T, n_ffn] bool mask or [T, k] "
+                             "expert ids)")
+        routing = routing.to("cpu")
+        if routing.dtype == torch.bool:
+            if tuple(routing.shape) != (n, N):
+                raise ValueError(f"afdkit.mesh.send: the routing mask must be [{n}, {N}], got {list(routing.shape)}")
+            mask = routing
+        else:
+            if self.config.expert_map is None:
+                raise ValueError("afdkit.mesh.send: routing by expert ids needs ChannelConfig.expert_map")
+            if routing.dim() != 2 or routing.shape[0] != n:
+                raise ValueError(f"afdkit.mesh.send: expert ids must be [{n}, k], got {list(routing.shape)}")
+            emap = torch.tensor(self.config.expert_map, dtype=torch.int64)
+            ids = routing.to(torch.int64)
+            if n and (ids.min() < 0 or ids.max() >= len(emap)):
+                raise ValueError(f"afdkit.mesh.send: expert ids must lie in [0, {len(emap)})")
+            mask = torch.zeros(n, N, dtype=torch.bool)
+            mask.scatter_(1, emap[ids], True)
+        dev = torch.device(self.config.device)
+        return [mask[:, f].nonzero().flatten().to(dev) for f in range(N)]
+
+    def send(self, layer: int, microbatch: int, hidden: torch.Tensor | Sequence[torch.Tensor],
+             routing: torch.Tensor | None = None) -> None:
+        """Attention: sends this microbatch's rows (one tensor per ``config.send`` spec)."""
+        if not self.is_attention:
+            raise MeshError("afdkit.mesh.send: only attention ranks send; FFN ranks call send_back")
+        k = self._key(layer, microbatch, "send")
+        tensors = [hidden] if isinstance(hidden, torch.Tensor) else list(hidden)
+        n = self._check_tensors("send", self.config.send, tensors)
+        routes = self._routes(routing, n)
+        if (layer, microbatch) in self._pending:
+            raise ValueError(f"afdkit.mesh.send: layer {layer} microbatch {microbatch} was already sent and not "
+                             "received back")
+        for fi in range(len(self.ffn)):
+            self._await_credit(fi, k, layer, microbatch)
+        cap = self.fwd.capacity
+        for fi, f in enumerate(self.ffn):
+            rows = routes[fi]
+            base = (fi * self.K + k) * cap if self.config.mode == "routed" else k * cap
+            slot = self._out[base : base + cap]
+            m = n if rows is None else int(rows.numel())
+            if rows is not None or fi == 0:  # broadcast: pack once, post to every FFN rank
+                header = [self._sent[fi][k] + 1, layer, microbatch, m, self.mesh.rank, _MAGIC]
+                nbytes = self.fwd.pack(slot, header, None if rows is None else rows.to(torch.int32), tensors, rows)
+            else:
+                header_seq = self._sent[fi][k] + 1
+                if header_seq != self._sent[0][k]:
+                    raise MeshError("afdkit.mesh.send: broadcast slots out of step between FFN ranks")
+            self._post(fi, k, slot, nbytes, self.fwd, tag_of(0, layer, microbatch, self.mesh.rank, f))
+        self._pending[(layer, microbatch)] = (n, routes)
+
+    def recv(self, layer: int, microbatch: int, reduce: str | None = "sum"):
+        """Attention: the FFN results for the rows sent with ``send(layer, microbatch)``.
+
+        ``reduce="sum"``: the partial results of all FFN ranks added per row (fp32
+        accumulation), a tensor per ``config.recv`` spec of ``[T, ...]`` (a single tensor
+        when there is one spec). ``reduce=None``: per FFN rank, ``(row_index, tensors)``
+        with row_index None in broadcast mode.
+        """
+        if not self.is_attention:
+            raise MeshError("afdkit.mesh.recv: only attention ranks call recv; FFN ranks call recv_batch")
+        k = self._key(layer, microbatch, "recv")
+        try:
+            n, routes = self._pending.pop((layer, microbatch))
+        except KeyError:
+            raise ValueError(f"afdkit.mesh.recv: nothing was sent for layer {layer} microbatch {microbatch} "
+                             "(or it was already received)") from None
+        parts = []
+        for fi in range(len(self.ffn)):
+            m, _, copies = self._take(fi, k, layer, microbatch, self.bwd, 1)
+            want = n if routes[fi] is None else int(routes[fi].numel())
+            if m != want:
+                raise MeshError(f"afdkit.mesh.recv: rank {self.ffn[fi]} returned {m} rows for layer {layer} "
+                                f"microbatch {microbatch}, expected {want}")
+            parts.append((routes[fi], copies))
+        if reduce is None:
+            return parts
+        if reduce != "sum":
+            raise ValueError(f"afdkit.mesh.recv: reduce must be 'sum' or None, got {reduce!r}")
+        outs = []
+        for si, s in enumerate(self.config.recv):
+            acc = torch.zeros((n, *s.shape), dtype=torch.float32, device=self.config.device)
+            for rows, copies in parts:
+                if rows is None:
+                    acc += copies[si].float()
+                elif rows.numel():
+                    acc.index_add_(0, rows, copies[si].float())
+            outs.append(acc.to(s.dtype))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    # ---- FFN side -----------------------------------------------------------------------------
+
+    def recv_batch(self, layer: int, microbatch: int) -> Batch:
+        """FFN: the rows every attention rank sent for (layer, microbatch)."""
+        if self.is_attention:
+            raise MeshError("afdkit.mesh.recv_batch: only FFN ranks call recv_batch")
+        k = self._key(layer, microbatch, "recv_batch")
+        if (layer, microbatch) in self._batches:
+            raise ValueError(f"afdkit.mesh.recv_batch: layer {layer} microbatch {microbatch} was received and not "
+                             "yet answered with send_back")
+        counts, idxs, per_spec = [], [], [[] for _ in self.config.send]
+        for ai in range(len(self.att)):
+            m, idx, copies = self._take(ai, k, layer, microbatch, self.fwd, 0)
+            counts.append(m)
+            idxs.append(idx)
+            for si, c in enumerate(copies):
+                per_spec[si].append(c)
+        tensors = tuple(torch.cat(p) if len(p) > 1 else p[0] for p in per_spec)
+        batch = Batch(layer, microbatch, tensors, list(self.att), counts, idxs)
+        self._batches[(layer, microbatch)] = batch
+        return batch
+
+    def send_back(self, layer: int, microbatch: int, results: torch.Tensor | Sequence[torch.Tensor]) -> None:
+        """FFN: returns results for the rows of ``recv_batch(layer, microbatch)``, in the
+        same order; each attention rank gets exactly its own rows."""
+        if self.is_attention:
+            raise MeshError("afdkit.mesh.send_back: only FFN ranks call send_back")
+        k = self._key(layer, microbatch, "send_back")
+        batch = self._batches.get((layer, microbatch))
+        if batch is None:
+            raise ValueError(f"afdkit.mesh.send_back: no batch of layer {layer} microbatch {microbatch} is pending "
+                             "(call recv_batch first)")
+        tensors = [results] if isinstance(results, torch.Tensor) else list(results)
+        self._check_tensors("send_back", self.config.recv, tensors, rows=batch.num_rows,
+                            limit=len(self.att) * self.config.max_tokens)
+        del self._batches[(layer, microbatch)]
+        start = 0
+        cap = self.bwd.capacity
+        for ai, a in enumerate(self.att):
+            m = batch.counts[ai]
+            self._await_credit(ai, k, layer, microbatch)
+            slot = self._out[(ai * self.K + k) * cap : (ai * self.K + k + 1) * cap]
+            header = [self._sent[ai][k] + 1, layer, microbatch, m, self.mesh.rank, _MAGIC]
+            nbytes = self.bwd.pack(slot, header, None, [t[start : start + m] for t in tensors], None)
+            self._post(ai, k, slot, nbytes, self.bwd, tag_of(1, layer, microbatch, self.mesh.rank, a))
+            start += m
+
+    def pending(self) -> dict[str, int]:
+        """How many requests are open (for leak checks): sends awaiting recv, batches awaiting send_back."""
+        return {"sent": len(self._pending), "batches": len(self._batches)}
+
+
+__all__ = ["AfdChannel", "ChannelConfig", "TensorSpec", "Batch", "tag_of"]

@@ -1,0 +1,153 @@
+"""afdkit.mesh core: bootstrap + secret, put/signal/wait over UCX tcp and shared memory,
+timeouts, unknown regions, a dead peer. Multi-process on 127.0.0.1 only."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from afdkit.mesh.testing import UCX_ENVS, RankContext, check_all_ok, run_ranks
+
+pytestmark = pytest.mark.multiproc
+TRANSPORTS = sorted(UCX_ENVS)
+
+
+def _mesh(ctx: RankContext, timeout_s: float = 10.0, secret: bytes = b"core-secret", **kw):
+    from afdkit.mesh import Mesh, MeshConfig
+
+    return Mesh(ctx.rank, ctx.world_size, ctx.role,
+                MeshConfig(mesh_id=ctx.args.get("mesh_id", "core"), timeout_s=timeout_s, **kw))
+
+
+def test_seal_roundtrip_and_tamper() -> None:
+    from afdkit.mesh.bootstrap import seal, unseal
+
+    blob = seal(b"k1", "m", 3, b"payload" * 50)
+    assert unseal(b"k1", "m", 3, blob) == b"payload" * 50
+    assert unseal(b"k2", "m", 3, blob) is None  # wrong secret
+    assert unseal(b"k1", "m", 4, blob) is None  # replayed under another rank
+    assert unseal(b"k1", "other", 3, blob) is None  # replayed into another mesh
+    tampered = blob[:-1] + bytes([blob[-1] ^ 1])
+    assert unseal(b"k1", "m", 3, tampered) is None
+    assert b"payload" not in blob  # the record (remote keys) is not readable without the secret
+
+
+def _pingpong(ctx: RankContext) -> dict:
+    from afdkit.mesh import MeshError, MeshTimeout
+
+    m = _mesh(ctx)
+    buf = m.alloc("buf", 1 << 16)
+    m.alloc("sig", 64)
+    user = m.register("user", torch.zeros(256, dtype=torch.int64))  # caller-owned memory works too
+    m.connect(ctx.store(), b"core-secret")
+    peer = 1 - ctx.rank
+    g = torch.Generator().manual_seed(7)
+    for i in range(1, 201):
+        n = int(torch.randint(1, 1 << 16, (1,), generator=g))
+        data = torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g)
+        if (i % 2 == 1) == (ctx.rank == 0):  # alternate writer
+            m.put(data, peer, "buf", signal=("sig", 0, i))
+            m.put(torch.full((256,), i, dtype=torch.int64), peer, "user", signal=("sig", 8, i))
+        else:
+            m.wait("sig", 0, i, peer=peer)
+            m.wait("sig", 8, i, peer=peer)
+            assert torch.equal(buf[:n], data), f"message {i}: content differs"
+            assert bool((user == i).all())
+    errors = {}
+    for name, call in {
+        "unknown_region": lambda: m.put(buf[:8], peer, "nope"),
+        "overflow": lambda: m.put(buf, peer, "sig"),
+        "bad_signal": lambda: m.wait("sig", 3, 1),
+    }.items():
+        try:
+            call()
+        except (ValueError, MeshError) as exc:
+            errors[name] = type(exc).__name__
+    t0 = time.monotonic()
+    try:
+        m.wait("sig", 16, 1, timeout_s=0.3, what="a signal nobody sends")
+    except MeshTimeout as exc:
+        errors["timeout"] = (str(exc), time.monotonic() - t0)
+    m.flush()
+    m.close()
+    return errors
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_put_signal_wait(transport: str) -> None:
+    vals = check_all_ok(run_ranks(_pingpong, ["attention", "ffn"], env=UCX_ENVS[transport], timeout_s=60))
+    for errors in vals:
+        assert errors["unknown_region"] == "ValueError"
+        assert errors["overflow"] == "ValueError"
+        assert errors["bad_signal"] == "ValueError"
+        msg, waited = errors["timeout"]
+        assert "a signal nobody sends" in msg and "rank" in msg and 0.25 < waited < 3.0
+
+
+def _join(ctx: RankContext) -> str:
+    from afdkit.mesh import MeshAuthError
+
+    secret = b"wrong" if ctx.rank == ctx.args["stranger"] else b"right"
+    m = _mesh(ctx, secret=secret)
+    m.alloc("buf", 64)
+    try:
+        m.connect(ctx.store(), secret)
+    except MeshAuthError as exc:
+        return f"{exc.refused}|{exc.refused_by}|{exc}"
+    finally:
+        m.close()
+    return "connected"
+
+
+@pytest.mark.timeout(60)
+def test_wrong_secret_is_refused() -> None:
+    roles = ["attention", "attention", "ffn"]
+    out = check_all_ok(run_ranks(_join, roles, args={"stranger": 2}, env=UCX_ENVS["tcp"], timeout_s=45))
+    for rank in (0, 1):
+        refused, _, msg = out[rank].split("|", 2)
+        assert refused == "[2]" and "rank(s) [2] presented records that do not verify" in msg, msg
+    _, refused_by, msg = out[2].split("|", 2)
+    assert refused_by == "[0, 1]" and "was refused by rank(s) [0, 1]" in msg, msg
+
+
+def _victim(ctx: RankContext) -> dict:
+    """Rank 1 dies (SIGKILL) after 20 exchanges; rank 0 must raise, not hang."""
+    from afdkit.mesh import MeshPeerLost, MeshTimeout
+
+    m = _mesh(ctx, timeout_s=ctx.args["timeout_s"], keepalive_s=0.5)
+    m.alloc("sig", 64)
+    m.connect(ctx.store(), b"core-secret")
+    peer = 1 - ctx.rank
+    for i in range(1, 10_000):
+        if ctx.rank == 1 and i == 20:
+            os.kill(os.getpid(), signal.SIGKILL)
+        try:
+            if ctx.rank == 0:
+                m.put(torch.zeros(8, dtype=torch.uint8), peer, "sig", signal=("sig", 8, i))
+                t0 = time.monotonic()
+                m.wait("sig", 0, i, peer=peer)
+            else:
+                m.wait("sig", 8, i, peer=peer)
+                m.put(torch.zeros(8, dtype=torch.uint8), peer, "sig", signal=("sig", 0, i))
+        except (MeshPeerLost, MeshTimeout) as exc:
+            return {"type": type(exc).__name__, "msg": str(exc), "after_s": time.monotonic() - t0, "i": i}
+    return {"type": "none"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_dead_peer_raises(transport: str) -> None:
+    timeout_s = 8.0
+    res = run_ranks(_victim, ["attention", "ffn"], args={"timeout_s": timeout_s}, env=UCX_ENVS[transport],
+                    timeout_s=45)
+    assert not res[1].ok and res[1].exitcode == -signal.SIGKILL
+    assert res[0].ok, res[0].error
+    out = res[0].value
+    assert out["type"] in ("MeshPeerLost", "MeshTimeout"), out
+    assert out["after_s"] < timeout_s + 1.0, out
+    assert "rank 1" in out["msg"], out
