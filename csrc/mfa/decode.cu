@@ -3,12 +3,21 @@
 #include "common/cuda_check.h"
 #include "mfa/launch.h"
 #include "mfa/launch_checks.h"
+#include "mfa/sm90_profile.cuh"
 
 namespace afdkit::mfa {
 namespace sm90 {
 template <KvDtype kKv>
 void launch_decode_sm90(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream);
 }
+namespace sm90::prof {
+namespace {
+unsigned long long* g_buffer = nullptr;  // read only by -DAFDKIT_MFA_PROFILE builds
+}
+void set_buffer(unsigned long long* buf) { g_buffer = buf; }
+unsigned long long* buffer() { return g_buffer; }
+}  // namespace sm90::prof
+
 namespace detail {
 void launch_combine(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream);
 }

@@ -5,7 +5,7 @@
 //
 // Cost model: a sequence costs ceil(seq_len / 64) tiles plus kPlanOverheadTiles
 // for each part that visits it (Q load, epilogue). The parts are filled greedily
-// in sequence order with about total / num_parts each; a part that cannot take
+// in sequence order up to a budget (see plan_kernel); a part that cannot take
 // one more tile of a sequence closes, so every visit covers >= 1 tile (or a whole
 // empty sequence, whose zeros/-inf some part must still write).
 #include <cuda_bf16.h>
@@ -32,21 +32,11 @@ __device__ void write_part(int32_t* meta, int part, const PartMeta& m) {
   for (int i = 5; i < cfg::kPartMetaInts; ++i) row[i] = 0;
 }
 
-// One thread walks the sequences (O(batch + parts)); lanes first sum the costs.
-__global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_meta,
-                            int32_t* batch_meta, int num_parts) {
-  const int lane = threadIdx.x;
-  int64_t cost = 0;
-  for (int b = lane; b < batch; b += 32)
-    cost += cdiv(max(seq_lens[b], 0), cfg::kTileN) + cfg::kPlanOverheadTiles;
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) cost += __shfl_xor_sync(0xffffffffu, cost, off);
-  for (int part = lane; part < num_parts; part += 32) write_part(part_meta, part, {0, 0, 0, -1, 0});
-  __syncwarp();
-  if (lane != 0) return;
-
-  const int64_t target = max(static_cast<int64_t>(cfg::kPlanOverheadTiles + 1),
-                             (cost + num_parts - 1) / num_parts);
+// The greedy fill for a given per-part budget `target` (in tiles, visit overheads
+// included). Returns the load of the last part, which takes whatever is left; with
+// `write` the part/batch metadata are stored. Every other part holds <= target.
+__device__ int64_t fill_parts(const int32_t* seq_lens, int batch, int32_t* part_meta, int32_t* batch_meta,
+                              int num_parts, int64_t target, bool write) {
   int part = 0;
   int64_t used = 0;
   bool open = false;
@@ -59,7 +49,7 @@ __global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_me
     do {
       const int64_t need = cfg::kPlanOverheadTiles + (t < n ? 1 : 0);
       if (open && part < num_parts - 1 && used + need > target) {
-        write_part(part_meta, part, cur);
+        if (write) write_part(part_meta, part, cur);
         ++part;
         open = false;
         used = 0;
@@ -78,11 +68,45 @@ __global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_me
       cur.t1 = t;
     } while (t < n);
     const int splits = part - first_part + 1;
-    batch_meta[b * cfg::kBatchMetaInts + 0] = splits;
-    batch_meta[b * cfg::kBatchMetaInts + 1] = splits > 1 ? slot : -1;
+    if (write) {
+      batch_meta[b * cfg::kBatchMetaInts + 0] = splits;
+      batch_meta[b * cfg::kBatchMetaInts + 1] = splits > 1 ? slot : -1;
+    }
     if (splits > 1) slot += splits;
   }
-  if (open) write_part(part_meta, part, cur);
+  if (open && write) write_part(part_meta, part, cur);
+  return part == num_parts - 1 ? used : 0;
+}
+
+// One thread walks the sequences (O(batch + parts) per pass); lanes first sum the costs.
+//
+// The budget: `cost` counts one visit overhead per sequence, but every cut adds
+// another visit (kPlanOverheadTiles more) to the part that continues the sequence.
+// With target = ceil(cost / P) alone, the first P - 1 parts fill up with overheads
+// of the cut sequences and the LAST part receives the rest: at 1 x 32K, 131 parts
+// took 2 tiles each and the last one 250 tiles (the kernel time is that part's time).
+// Each closed part holds >= target - overhead and causes at most one extra visit, so
+// target = ceil(cost / P) + 2 x overhead always leaves the last part <= cost / P; the
+// smallest target in [ceil(cost / P), that] whose last part also fits is used
+// (at most 2 x overhead + 1 dry passes).
+__global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_meta,
+                            int32_t* batch_meta, int num_parts) {
+  const int lane = threadIdx.x;
+  int64_t cost = 0;
+  for (int b = lane; b < batch; b += 32)
+    cost += cdiv(max(seq_lens[b], 0), cfg::kTileN) + cfg::kPlanOverheadTiles;
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) cost += __shfl_xor_sync(0xffffffffu, cost, off);
+  for (int part = lane; part < num_parts; part += 32) write_part(part_meta, part, {0, 0, 0, -1, 0});
+  __syncwarp();
+  if (lane != 0) return;
+
+  const int64_t lo = max(static_cast<int64_t>(cfg::kPlanOverheadTiles + 1), (cost + num_parts - 1) / num_parts);
+  const int64_t hi = lo + 2 * cfg::kPlanOverheadTiles;
+  int64_t target = lo;
+  while (target < hi && fill_parts(seq_lens, batch, part_meta, batch_meta, num_parts, target, false) > target)
+    ++target;
+  fill_parts(seq_lens, batch, part_meta, batch_meta, num_parts, target, true);
 }
 
 // One warp per (sequence, q token, q head) row of a split sequence; lane l owns

@@ -115,13 +115,26 @@ __device__ __forceinline__ void exchange_s(Smem<kKv>& s, int c, float (&acc)[32]
   }
 }
 
-// Online softmax over one tile: S (accumulator units) -> P in place (fp32), the
-// per-row rescale factor of O in alpha.
+// Per-token K scales multiply the S columns of this consumer's partial before the
+// exchange (a*k + b*k is the same in both consumers: the sum commutes), so that
+// k_scale and the K tile are free once the exchange is done.
+template <KvDtype kKv>
+__device__ __forceinline__ void scale_k_columns(const Smem<kKv>& s, float (&acc)[32]) {
+  const int q = threadIdx.x % 4;
+#pragma unroll
+  for (int n = 0; n < 8; ++n) {
+    const float2 ks = *reinterpret_cast<const float2*>(&s.k_scale[8 * n + 2 * q]);
+    acc[4 * n] *= ks.x, acc[4 * n + 1] *= ks.y;
+    acc[4 * n + 2] *= ks.x, acc[4 * n + 3] *= ks.y;
+  }
+}
+
+// Online softmax over one tile: S (accumulator units, K scales applied) -> P in
+// place (fp32), the per-row rescale factor of O in alpha.
 template <KvDtype kKv>
 __device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, int tile,
                                              float (&acc)[32], float (&alpha)[2]) {
   const int lane = threadIdx.x % 32, q = lane % 4;
-  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
   const int tok0 = tile * cfg::kTileN + 2 * q;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -130,9 +143,7 @@ __device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        const int col = 8 * n + 2 * q + j;
         float x = acc[4 * n + 2 * i + j] * rs.mult[i];
-        if (per_token) x *= s.k_scale[col];
         x = tok0 + 8 * n + j < rs.vis[i] ? x : -INFINITY;
         acc[4 * n + 2 * i + j] = x;
         mx = fmaxf(mx, x);

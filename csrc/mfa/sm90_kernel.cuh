@@ -11,6 +11,7 @@
 #include "mfa/launch_checks.h"
 #include "mfa/sm90_consumer.cuh"
 #include "mfa/sm90_loader.cuh"
+#include "mfa/sm90_profile.cuh"
 #include "mfa/sm90_smem.cuh"
 
 namespace afdkit::mfa::sm90 {
@@ -59,34 +60,47 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, const Seg
   }
 }
 
-// One tile: S partial, exchange, softmax, release K; P fragments, PV, release V.
+// One tile: S partial (per-token K scales applied), exchange, release K; softmax;
+// P fragments, PV, release V. k_empty is released right after the exchange: the
+// K tile and k_scale are read for the last time by then, and the next write of
+// xchg (tile + 1) waits for k_full(tile + 1), which the loader can only produce
+// after every consumer warp has arrived here, i.e. after both consumers read
+// this tile's partials. The loader converts the next K tile during the softmax.
 template <KvDtype kKv>
 __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, int c, int tile,
-                                             uint32_t parity, float (&o)[64]) {
+                                             uint32_t parity, float (&o)[64]
+                                                 MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark)) {
   float acc[32];
   ptx::mbar_wait(&s.k_full, parity);
+  MFA_PROF_LAP(pc, prof::kWaitK, mark);
   mma_qk(s, c, acc);
+  if (p.scale_mode == ScaleMode::kPerToken) scale_k_columns(s, acc);
+  MFA_PROF_LAP(pc, prof::kQk, mark);
   exchange_s(s, c, acc);
-  float alpha[2];
-  softmax_tile(p, s, rs, tile, acc, alpha);  // last read of k_op / k_scale
   __syncwarp();
   if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.k_empty);
+  MFA_PROF_LAP(pc, prof::kXchg, mark);
+  float alpha[2];
+  softmax_tile(p, s, rs, tile, acc, alpha);
 #pragma unroll
   for (int n = 0; n < 16; ++n) {
     o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0];
     o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
   }
+  MFA_PROF_LAP(pc, prof::kSoftmax, mark);
   ptx::mbar_wait(&s.v_full, parity);
+  MFA_PROF_LAP(pc, prof::kWaitV, mark);
   uint32_t pf[4][4];
   make_p_frags(p, s, acc, pf);
   mma_pv(s, c, pf, o);
   __syncwarp();
   if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.v_empty);
+  MFA_PROF_LAP(pc, prof::kPv, mark);
 }
 
 template <KvDtype kKv>
 __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const int32_t* meta,
-                              int h, int rb) {
+                              int h, int rb MFA_PROF(, unsigned long long* prof_rec)) {
   const int c = threadIdx.x / cfg::kWarpgroup - 1;
   const int t = threadIdx.x % cfg::kWarpgroup;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
@@ -94,7 +108,9 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   w.init(meta);
   Segment seg;
   uint32_t tile_idx = 0;
+  MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
   while (w.next(p, seg)) {
+    MFA_PROF(mark = prof::clk(); ++pc[prof::kSegments];)
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q
     if (seg.lo < seg.hi) load_q(p, s, seg.b, h, rb);
     ptx::fence_proxy_async_smem();
@@ -112,14 +128,26 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     float o[64];
 #pragma unroll
     for (int k = 0; k < 64; ++k) o[k] = 0.f;
-    for (int tile = seg.lo; tile < seg.hi; ++tile, ++tile_idx) consume_tile(p, s, rs, c, tile, tile_idx & 1, o);
+    MFA_PROF_LAP(pc, prof::kQload, mark);
+    for (int tile = seg.lo; tile < seg.hi; ++tile, ++tile_idx)
+      consume_tile(p, s, rs, c, tile, tile_idx & 1, o MFA_PROF(, pc, mark));
+    MFA_PROF(mark = prof::clk();)
     epilogue<kKv>(p, pb, seg, rs, o, c, h, rb);
+    MFA_PROF_LAP(pc, prof::kEpilogue, mark);
   }
+#ifdef AFDKIT_MFA_PROFILE
+  pc[prof::kTiles] = tile_idx;
+  if (t == 0 && prof_rec) {
+    prof_rec[prof::kT1Cons0 + c] = prof::gtime();
+    for (int i = 0; i < prof::kConsSlots; ++i) prof_rec[prof::kCons + c * prof::kConsSlots + i] = pc[i];
+  }
+#endif
 }
 
 template <KvDtype kKv>
-__global__ void __launch_bounds__(cfg::kThreads, 1) decode_sm90_kernel(const __grid_constant__ DecodeParams p,
-                                                                       const __grid_constant__ PlanBuffers pb) {
+__global__ void __launch_bounds__(cfg::kThreads, 1)
+    decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ PlanBuffers pb
+                           MFA_PROF(, const __grid_constant__ prof::Args pa)) {
   extern __shared__ uint8_t smem_raw[];
   // Offset the array itself (not an integer address) so the compiler keeps the
   // shared address space and emits LDS/STS instead of generic loads/stores.
@@ -129,6 +157,11 @@ __global__ void __launch_bounds__(cfg::kThreads, 1) decode_sm90_kernel(const __g
   const int nrb = cdiv(p.q_len * (p.num_q_heads / p.num_kv_heads), cfg::kRowsPerCta);
   const int h = blockIdx.y / nrb, rb = blockIdx.y % nrb;
   const int32_t* meta = pb.part_meta + blockIdx.x * cfg::kPartMetaInts;
+#ifdef AFDKIT_MFA_PROFILE
+  unsigned long long* prof_rec =
+      pa.buf ? pa.buf + (static_cast<size_t>(blockIdx.y) * gridDim.x + blockIdx.x) * prof::kRecordSlots : nullptr;
+  if (threadIdx.x == 0 && prof_rec) prof_rec[prof::kT0] = prof::gtime();
+#endif
   if (threadIdx.x == 0) {
     for (int st = 0; st < Ring::kStages; ++st) ptx::mbar_init(&s.raw_full[st], 1);
     ptx::mbar_init(&s.k_full, cfg::kWarpgroup);
@@ -140,10 +173,10 @@ __global__ void __launch_bounds__(cfg::kThreads, 1) decode_sm90_kernel(const __g
   __syncthreads();
   if (threadIdx.x < cfg::kWarpgroup) {
     ptx::setmaxnreg_dec<cfg::kLoaderRegs>();
-    loader_role<kKv>(p, s, meta, h);
+    loader_role<kKv>(p, s, meta, h MFA_PROF(, prof_rec));
   } else {
     ptx::setmaxnreg_inc<cfg::kConsumerRegs>();
-    consumer_role<kKv>(p, pb, s, meta, h, rb);
+    consumer_role<kKv>(p, pb, s, meta, h, rb MFA_PROF(, prof_rec));
   }
 }
 
@@ -161,7 +194,7 @@ void launch_decode_sm90(const DecodeParams& p, const PlanBuffers& pb, cudaStream
   const int nrb = cdiv(p.q_len * (p.num_q_heads / p.num_kv_heads), cfg::kRowsPerCta);
   const dim3 grid(pb.num_sm_parts, p.num_kv_heads * nrb);
   AFDKIT_CHECK(grid.y <= 65535, "mfa.decode: num_kv_heads x row blocks too large (", grid.y, ")");
-  decode_sm90_kernel<kKv><<<grid, cfg::kThreads, kSmem, stream>>>(p, pb);
+  decode_sm90_kernel<kKv><<<grid, cfg::kThreads, kSmem, stream>>>(p, pb MFA_PROF(, prof::Args{prof::buffer()}));
   AFDKIT_CHECK_LAUNCH();
 }
 

@@ -4,6 +4,7 @@
 // consumers' wgmma reads, then publish it with fence.proxy.async + mbarrier.
 #pragma once
 #include "common/ptx.cuh"
+#include "mfa/sm90_profile.cuh"
 #include "mfa/sm90_smem.cuh"
 
 namespace afdkit::mfa::sm90 {
@@ -22,6 +23,7 @@ __device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor
   const int32_t* table = p.block_table + c.seg.b * p.block_table_stride + c.tile * pages_per_tile;
   const bool contiguous = p.kv_stride_token == cfg::kHeadDim;
   uint8_t* dst = s.raw[stage];
+  MFA_PROF(s.prof_issue[stage] = prof::clk();)
   for (int k = 0; k < pages_per_tile; ++k) {
     const int r0 = k * p.page_size;
     if (r0 >= n_valid) break;
@@ -88,7 +90,8 @@ __device__ __forceinline__ float load_token_scale(const DecodeParams& p, const H
 }
 
 template <KvDtype kKv>
-__device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h) {
+__device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h
+                                MFA_PROF(, unsigned long long* prof_rec)) {
   using Ring = typename Traits<kKv>::Ring;
   const int tid = threadIdx.x;
   const bool per_token = p.scale_mode == ScaleMode::kPerToken;
@@ -102,6 +105,7 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   float scale_next = per_token ? load_token_scale(p, conv, h) : 0.f;
   float scale_cur = 0.f;
   uint32_t half_idx = 0, tile_idx = 0;
+  MFA_PROF(uint32_t pa[5] = {}; uint32_t mark = prof::clk();)
   while (conv.valid) {
     const int stage = half_idx % Ring::kStages;
     const bool is_v = conv.half == 1;
@@ -114,22 +118,35 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
     }
     const int n_valid = conv.n_valid();
     ptx::mbar_wait(&s.raw_full[stage], (half_idx / Ring::kStages) & 1);
+    MFA_PROF(pa[4] += prof::clk() - s.prof_issue[stage];)
+    MFA_PROF_LAP(pa, 0, mark);
     ptx::mbar_wait(is_v ? &s.v_empty : &s.k_empty, (tile_idx & 1) ^ 1);
+    MFA_PROF_LAP(pa, 1, mark);
     uint8_t* op = is_v ? s.v_op : s.k_op;
     if constexpr (Traits<kKv>::kFp8) convert_half_fp8(s.raw[stage], op, n_valid);
     else convert_half_bf16(s.raw[stage], op, n_valid);
     if (per_token && (tid < cfg::kTileN) == !is_v) (is_v ? s.v_scale : s.k_scale)[tid % cfg::kTileN] = scale_cur;
     ptx::fence_proxy_async_smem();  // generic writes -> wgmma (async proxy) reads
     ptx::mbar_arrive(is_v ? &s.v_full : &s.k_full);
+    MFA_PROF_LAP(pa, 2, mark);
     ptx::named_bar_sync(1, cfg::kWarpgroup);  // every thread is done reading raw[stage]
     if (tid == 0 && issue.valid) {
       issue_half(p, s, issue, h, stage);
       issue.next(p);
     }
+    MFA_PROF_LAP(pa, 3, mark);
     tile_idx += is_v;
     ++half_idx;
     conv.next(p);
   }
+#ifdef AFDKIT_MFA_PROFILE
+  if (tid == 0 && prof_rec) {
+    prof_rec[prof::kT1Loader] = prof::gtime();
+    prof_rec[prof::kSmid] = prof::smid();
+    prof_rec[prof::kHalves] = half_idx;
+    for (int i = 0; i < 5; ++i) prof_rec[prof::kLdWaitRaw + i] = pa[i];
+  }
+#endif
 }
 
 }  // namespace afdkit::mfa::sm90

@@ -39,6 +39,9 @@ struct alignas(1024) Smem {
   float row_mult[cfg::kRowsPerCta];  // S accumulator -> log2-domain logit, per row
   uint64_t raw_full[Ring::kStages];
   uint64_t k_full, k_empty, v_full, v_empty;
+#ifdef AFDKIT_MFA_PROFILE
+  uint32_t prof_issue[Ring::kStages];  // %clock when each raw stage's copy was issued
+#endif
 };
 
 constexpr int kMaxDynSmem = 227 * 1024;  // sm_90 opt-in limit per block

@@ -8,6 +8,8 @@
 //                                   # pipeline bug shows as a hang)
 //   build/mfa_harness --small    # two tiny cases (for compute-sanitizer)
 //   build/mfa_harness --no-time  # correctness only
+//   build/mfa_harness --profile  # phase table of the sm90 kernel (64 x 4K, 1 x 32K); needs
+//                                # every .cu built with -DAFDKIT_MFA_PROFILE
 //
 // Every output is poisoned with NaN first, unused cache pages are NaN, and inputs
 // are fresh random normals. PASS needs relative L2 < 1e-2 vs fp64 on the same
@@ -27,6 +29,7 @@
 #include <vector>
 
 #include "mfa/launch.h"
+#include "mfa/sm90_profile.cuh"
 
 using namespace afdkit::mfa;
 
@@ -353,9 +356,89 @@ __global__ void fill_kernel(uint8_t* kv, size_t n_kv, __nv_bfloat16* q, size_t n
   }
 }
 
+// Tiles per part of a plan whose sequences all have `len` tokens (part_meta rows).
+static std::vector<int> tiles_per_part(const DevBuf<int32_t>& pm, int parts, int len) {
+  const auto m = pm.down();
+  const int n = (len + 63) / 64;
+  std::vector<int> tiles(parts, 0);
+  for (int i = 0; i < parts; ++i) {
+    const int32_t* r = m.data() + size_t(i) * 8;
+    for (int b = r[0]; b <= r[3]; ++b) tiles[i] += (b == r[3] ? r[4] : n) - (b == r[0] ? r[1] : 0);
+  }
+  return tiles;
+}
+
+namespace prof = afdkit::mfa::sm90::prof;
+
+// One profiled launch (-DAFDKIT_MFA_PROFILE build): per-CTA records -> average
+// cycles per tile of each phase, CTA durations and the work split.
+static void profile_launch(const char* name, const DecodeParams& p, const PlanBuffers& pb, int len) {
+  const int nrb = (p.q_len * (p.num_q_heads / p.num_kv_heads) + 63) / 64;
+  const int ctas = pb.num_sm_parts * p.num_kv_heads * nrb;
+  DevBuf<unsigned long long> buf(size_t(ctas) * prof::kRecordSlots);
+  CK(cudaMemset(buf.p, 0, buf.n * sizeof(unsigned long long)));
+  prof::set_buffer(buf.p);
+  decode(p, pb, 0);
+  CK(cudaDeviceSynchronize());
+  prof::set_buffer(nullptr);
+  const auto r = buf.down();
+  if (std::all_of(r.begin(), r.end(), [](unsigned long long v) { return v == 0; })) {
+    std::printf("%s: no profile records (rebuild every .cu with -DAFDKIT_MFA_PROFILE)\n", name);
+    return;
+  }
+  auto rec = [&](int cta, int slot) { return double(r[size_t(cta) * prof::kRecordSlots + slot]); };
+  double t_min = 1e300, t_max = 0, halves = 0, ld[5] = {}, cs[2][prof::kConsSlots] = {};
+  double d_min = 1e300, d_max = 0, d_sum = 0, tl_min = 1e300, tl_max = 0;
+  int worst = -1, active = 0;
+  for (int i = 0; i < ctas; ++i) {
+    const double t0 = rec(i, prof::kT0);
+    const double t1 = std::max({rec(i, prof::kT1Loader), rec(i, prof::kT1Cons0), rec(i, prof::kT1Cons1)});
+    const double tiles = rec(i, prof::kCons + prof::kTiles);
+    t_min = std::min(t_min, t0), t_max = std::max(t_max, t1);
+    tl_min = std::min(tl_min, tiles), tl_max = std::max(tl_max, tiles);
+    if (tiles > 0) ++active;
+    if (t1 > 0 && tiles > 0) {
+      const double d = (t1 - t0) * 1e-3;
+      d_min = std::min(d_min, d), d_max = std::max(d_max, d), d_sum += d;
+      if (worst < 0 || d > (std::max({rec(worst, prof::kT1Loader), rec(worst, prof::kT1Cons0), rec(worst, prof::kT1Cons1)}) - rec(worst, prof::kT0)) * 1e-3) worst = i;
+    }
+    halves += rec(i, prof::kHalves);
+    for (int k = 0; k < 5; ++k) ld[k] += rec(i, prof::kLdWaitRaw + k);
+    for (int c = 0; c < 2; ++c)
+      for (int k = 0; k < prof::kConsSlots; ++k) cs[c][k] += rec(i, prof::kCons + c * prof::kConsSlots + k);
+  }
+  std::printf("== profile %s: %d CTAs (%d with tiles), tiles/CTA min %.0f max %.0f; CTA us min %.1f mean %.1f max %.1f;"
+              " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
+              d_max, (t_max - t_min) * 1e-3);
+  const double tiles_all = std::max(1.0, halves / 2);
+  std::printf("  loader cycles/tile (K+V halves): wait_raw %7.0f  wait_op_empty %7.0f  convert %7.0f  bar+issue %7.0f"
+              "  | copy issue->landed %7.0f per half\n", ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all,
+              ld[3] / tiles_all, ld[4] / std::max(1.0, halves));
+  for (int c = 0; c < 2; ++c) {
+    const double nt = std::max(1.0, cs[c][prof::kTiles]), ns = std::max(1.0, cs[c][prof::kSegments]);
+    double sum = 0;
+    for (int k = prof::kWaitK; k <= prof::kPv; ++k) sum += cs[c][k];
+    std::printf("  cons%d cycles/tile: wait_k %7.0f qk %6.0f xchg %6.0f softmax %6.0f wait_v %7.0f pv %6.0f | sum %7.0f"
+                " | per segment (%.0f): q_load %6.0f epilogue %6.0f\n", c, cs[c][prof::kWaitK] / nt,
+                cs[c][prof::kQk] / nt, cs[c][prof::kXchg] / nt, cs[c][prof::kSoftmax] / nt, cs[c][prof::kWaitV] / nt,
+                cs[c][prof::kPv] / nt, sum / nt, ns, cs[c][prof::kQload] / ns, cs[c][prof::kEpilogue] / ns);
+  }
+  if (worst >= 0) {
+    const double nt = std::max(1.0, rec(worst, prof::kCons + prof::kTiles));
+    const double t1 = std::max({rec(worst, prof::kT1Loader), rec(worst, prof::kT1Cons0), rec(worst, prof::kT1Cons1)});
+    std::printf("  slowest CTA %d (SM %.0f): %.0f tiles, %.1f us, %.0f ns/tile; cons0 wait_k %.0f wait_v %.0f cycles/tile;"
+                " loader wait_raw %.0f wait_op_empty %.0f cycles/tile\n", worst, rec(worst, prof::kSmid), nt,
+                (t1 - rec(worst, prof::kT0)) * 1e-3, (t1 - rec(worst, prof::kT0)) / nt,
+                rec(worst, prof::kCons + prof::kWaitK) / nt, rec(worst, prof::kCons + prof::kWaitV) / nt,
+                rec(worst, prof::kLdWaitRaw) / nt, rec(worst, prof::kLdWaitOpEmpty) / nt);
+  }
+  (void)len;
+}
+
 // Times decode (plan excluded: once per step) and a D2D copy of the same KV bytes.
 // Sequences rotate over >= 512 MB of cache so that repeated runs stream from HBM.
-static void time_case(int batch, int len, bool check) {
+// With `profile` it also makes one profiled launch (see profile_launch).
+static void time_case(int batch, int len, bool check, bool profile = false) {
   const int page = 64, hq = 64, pages_per_seq = (len + page - 1) / page;
   const double kv_bytes = double(batch) * len * 512;
   const int rot = std::max(1, std::min(16, int(std::ceil(512e6 / kv_bytes))));
@@ -430,19 +513,30 @@ static void time_case(int batch, int len, bool check) {
   }
   const double t_dec = median(td) * 1e-3, t_copy = median(tc) * 1e-3;
   const double bw_dec = kv_bytes / t_dec, bw_copy = 2.0 * copy_bytes / t_copy;  // copy: read + write
-  std::printf("batch %3d x %6d  decode %8.1f us  %6.0f GB/s | copy %6.0f GB/s | ratio %.3f | parts %3d rot %2d",
-              batch, len, t_dec * 1e6, bw_dec * 1e-9, bw_copy * 1e-9, bw_dec / bw_copy, sz.num_sm_parts, rot);
+  const auto tiles = tiles_per_part(pm, sz.num_sm_parts, len);
+  const int max_tiles = *std::max_element(tiles.begin(), tiles.end());
+  std::printf("batch %3d x %6d  decode %8.1f us  %6.0f GB/s | copy %6.0f GB/s | ratio %.3f | parts %3d rot %2d"
+              " | tiles/part max %d mean %.1f | %.0f ns per tile of the largest part",
+              batch, len, t_dec * 1e6, bw_dec * 1e-9, bw_copy * 1e-9, bw_dec / bw_copy, sz.num_sm_parts, rot, max_tiles,
+              double(batch) * ((len + 63) / 64) / sz.num_sm_parts, t_dec * 1e9 / std::max(1, max_tiles));
   if (check) std::printf(" | sm90-vs-simt relL2 %.2e", simt_err);
   std::printf("\n");
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
+  if (profile) {
+    at_rot(1 % rot);  // a rotation not touched by the last timed launches
+    char name[64];
+    std::snprintf(name, sizeof(name), "batch %d x %d", batch, len);
+    profile_launch(name, p, pb, len);
+  }
 }
 
 int main(int argc, char** argv) {
-  bool small = false, timing = true;
+  bool small = false, timing = true, profile = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--small")) small = true;
     if (!std::strcmp(argv[i], "--no-time")) timing = false;
+    if (!std::strcmp(argv[i], "--profile")) profile = true;
   }
   std::mt19937 rng(20240607);
   cudaDeviceProp prop;
@@ -451,6 +545,12 @@ int main(int argc, char** argv) {
   const auto F = KvDtype::kFp8E4M3;
   const auto B = KvDtype::kBf16;
   const auto PT = ScaleMode::kPerTensor, TK = ScaleMode::kPerToken, NO = ScaleMode::kNone;
+  if (profile) {  // timing + phase table of the two headline shapes, no correctness matrix
+    std::printf("-- profile: fp8 per-tensor, q_len 1, 64 heads / 1 kv head, page 64 --\n");
+    time_case(64, 4096, true, true);
+    time_case(1, 32768, true, true);
+    return 0;
+  }
   std::vector<Case> cases;
   if (small) {
     cases = {{"small fp8 q1 g16", 2, 1, 16, 1, 16, F, PT, {70, 3}, 0, 0},

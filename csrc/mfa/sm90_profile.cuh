@@ -1,0 +1,83 @@
+// Optional phase profile of the sm90 decode kernel (compile everything with
+// -DAFDKIT_MFA_PROFILE; without it every macro below expands to nothing and the
+// kernel is unchanged). One representative thread per role (thread 0 of WG0, of
+// WG1, of WG2) sums the 32-bit %clock deltas of each phase in registers and
+// writes one record per CTA at the end; the CTA also records globaltimer at entry
+// and at exit of each role and its SM id. dev/mfa/harness.cu --profile reads them.
+#pragma once
+#include <cstdint>
+
+namespace afdkit::mfa::sm90::prof {
+
+// Slots of one CTA record (uint64 each).
+enum Slot : int {
+  kT0 = 0,         // globaltimer at kernel entry (ns)
+  kT1Loader,       // globaltimer when the loader role ends
+  kT1Cons0,        // ... consumer 0 ends
+  kT1Cons1,        // ... consumer 1 ends
+  kSmid,
+  kHalves,         // half-tiles converted (K + V)
+  kLdWaitRaw,      // loader: wait raw_full[stage] (copy not yet landed)
+  kLdWaitOpEmpty,  // loader: wait k_empty / v_empty (consumers still on the operand tile)
+  kLdConvert,      // loader: fp8 -> fp16 convert + scale store + fence + arrive full
+  kLdBarIssue,     // loader: bar.sync of WG0 + next bulk copy issue
+  kLdCopyLat,      // loader: issue of a stage -> its raw_full wait returned (copy latency bound)
+  kCons = 11,      // consumer c: slots kCons + c * kConsSlots + ConsSlot
+  kConsSlots = 10,
+  kRecordSlots = kCons + 2 * kConsSlots,  // 31
+};
+enum ConsSlot : int {
+  kTiles = 0,
+  kSegments,
+  kWaitK,     // wait k_full
+  kQk,        // QK^T wgmma (issue + wait), per-token K scale
+  kXchg,      // S exchange (named barrier with the other consumer)
+  kSoftmax,   // online softmax + O rescale
+  kWaitV,     // wait v_full
+  kPv,        // P fragments + PV wgmma + release
+  kQload,     // per segment: Q barriers + load
+  kEpilogue,  // per segment: epilogue
+};
+
+struct Args {
+  unsigned long long* buf = nullptr;  // [grid.x * grid.y][kRecordSlots]
+};
+
+// Host side (decode.cu): the buffer the next launches write, nullptr = off.
+void set_buffer(unsigned long long* buf);
+unsigned long long* buffer();
+
+}  // namespace afdkit::mfa::sm90::prof
+
+#ifdef AFDKIT_MFA_PROFILE
+namespace afdkit::mfa::sm90::prof {
+__device__ __forceinline__ uint32_t clk() {
+  uint32_t c;
+  asm volatile("mov.u32 %0, %%clock;" : "=r"(c)::"memory");
+  return c;
+}
+__device__ __forceinline__ uint64_t gtime() {
+  uint64_t t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t)::"memory");
+  return t;
+}
+__device__ __forceinline__ uint32_t smid() {
+  uint32_t s;
+  asm volatile("mov.u32 %0, %%smid;" : "=r"(s));
+  return s;
+}
+}  // namespace afdkit::mfa::sm90::prof
+#define MFA_PROF(...) __VA_ARGS__
+// Adds the cycles since `mark` to acc[slot] and moves `mark` to now.
+#define MFA_PROF_LAP(acc, slot, mark)                          \
+  do {                                                         \
+    const uint32_t now_ = ::afdkit::mfa::sm90::prof::clk();    \
+    (acc)[slot] += now_ - (mark);                              \
+    (mark) = now_;                                             \
+  } while (0)
+#else
+#define MFA_PROF(...)
+#define MFA_PROF_LAP(acc, slot, mark) \
+  do {                                \
+  } while (0)
+#endif
