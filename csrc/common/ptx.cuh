@@ -95,6 +95,15 @@ __device__ __forceinline__ uint32_t cvt_e4m3x2_f16x2(uint16_t codes) {
   return out;
 }
 
+// Four e4m3 codes (byte i = element i) -> two f16x2 (lo: elements 0, 1; hi: 2, 3),
+// exact; the 32-bit word is split into its 16-bit halves without extra ALU work.
+__device__ __forceinline__ void cvt_e4m3x4_f16x4(uint32_t codes, uint32_t& lo, uint32_t& hi) {
+  asm("{\n.reg .b16 l, h;\nmov.b32 {l, h}, %2;\n"
+      "cvt.rn.f16x2.e4m3x2 %0, l;\ncvt.rn.f16x2.e4m3x2 %1, h;\n}\n"
+      : "=r"(lo), "=r"(hi)
+      : "r"(codes));
+}
+
 // Packs two floats into one 16-bit pair of the wgmma operand type (low = first).
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

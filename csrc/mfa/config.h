@@ -28,8 +28,8 @@ constexpr int kWarpgroup = 128;
 constexpr int kNumConsumerWg = 2;      // each owns half of the 256 dims (S partial, O cols)
 constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 loads + converts
 constexpr int kDimsPerConsumer = kHeadDim / kNumConsumerWg;  // 128
-constexpr int kLoaderRegs = 56;        // setmaxnreg targets; 128*56 + 256*224 <= 64K
-constexpr int kConsumerRegs = 224;
+constexpr int kLoaderRegs = 88;        // setmaxnreg targets; 128*88 + 256*200 <= 64K. The
+constexpr int kConsumerRegs = 200;     // loader batches 4 raw reads per convert step (spills at 80).
 constexpr int kSwizzleBytes = 128;     // 128B swizzle: 64 fp16 per swizzle row
 constexpr int kSwizzleCols = kSwizzleBytes / 2;
 constexpr int kOpTileBytes = kTileN * kHeadDim * 2;   // one fp16/bf16 64x256 operand tile

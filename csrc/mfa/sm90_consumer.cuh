@@ -21,41 +21,74 @@ struct RowState {
   int vis[2];     // visible tokens of the row (0 for padding rows)
 };
 
-// Q rows of the segment -> operand tile, scaled per row by a power of two that
-// puts the row's amax in [128, 256) (fp16 range and precision for any input);
-// row_mult undoes it and applies softmax_scale * log2(e) (* k_scale per tensor).
+// Q of a segment is loaded in two steps so that its global-memory latency is
+// hidden: fetch_q issues the eight 16-byte loads of this thread (warp w takes
+// rows w, w + 8, ..., lane l dims [8l, 8l + 8): each load is one coalesced
+// 512-byte row per warp) into registers, one segment ahead, and store_q later
+// converts them. Rows past the CTA's valid rows are zero.
+struct QRegs {
+  uint4 v[cfg::kRowsPerCta / 8];
+};
+
 template <KvDtype kKv>
-__device__ void load_q(const DecodeParams& p, Smem<kKv>& s, int b, int h, int rb) {
-  using Op = typename Traits<kKv>::Op;
+__device__ __forceinline__ void fetch_q(const DecodeParams& p, int b, int h, int rb, QRegs& qr) {
   const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
   const int warp = ct / 32, lane = ct % 32;
   const int G = p.num_q_heads / p.num_kv_heads;
   const int rows = p.q_len * G;
-  float base_mult = p.softmax_scale * cfg::kLog2e;
-  if (p.scale_mode == ScaleMode::kPerTensor) base_mult *= *p.k_scale;
-  for (int r = warp; r < cfg::kRowsPerCta; r += 8) {
-    const int rg = rb * cfg::kRowsPerCta + r;
-    float x[8] = {};
+#pragma unroll
+  for (int i = 0; i < cfg::kRowsPerCta / 8; ++i) {
+    const int rg = rb * cfg::kRowsPerCta + warp + 8 * i;
+    qr.v[i] = make_uint4(0, 0, 0, 0);
     if (rg < rows) {
       const RowCoord rc = row_coord(rg, G);
       const auto* src = static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b + rc.token * p.q_stride_t +
                         (h * G + rc.head) * p.q_stride_h + lane * 8;
-      const uint4 raw = *reinterpret_cast<const uint4*>(src);
-      const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&raw);
-#pragma unroll
-      for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]);
+      qr.v[i] = __ldg(reinterpret_cast<const uint4*>(src));
     }
-    float amax = 0.f;
+  }
+}
+
+// Fetched Q rows -> operand tile, scaled per row by a power of two that puts the
+// row's amax in [128, 256) (fp16 range and precision for any input); row_mult
+// undoes it and applies softmax_scale * log2(e) (* k_scale per tensor). The eight
+// rows of a warp are reduced together so their shuffles overlap.
+template <KvDtype kKv>
+__device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int rb, const QRegs& qr) {
+  using Op = typename Traits<kKv>::Op;
+  constexpr int kR = cfg::kRowsPerCta / 8;
+  const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
+  const int warp = ct / 32, lane = ct % 32;
+  const int rows = p.q_len * (p.num_q_heads / p.num_kv_heads);
+  float base_mult = p.softmax_scale * cfg::kLog2e;
+  if (p.scale_mode == ScaleMode::kPerTensor) base_mult *= *p.k_scale;
+  float amax[kR];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) amax = fmaxf(amax, fabsf(x[e]));
+  for (int i = 0; i < kR; ++i) {
+    const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&qr.v[i]);
+    amax[i] = 0.f;
 #pragma unroll
-    for (int off = 16; off > 0; off /= 2) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, off));
+    for (int e = 0; e < 8; ++e) amax[i] = fmaxf(amax[i], fabsf(__bfloat162float(xb[e])));
+  }
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) {
+#pragma unroll
+    for (int i = 0; i < kR; ++i) amax[i] = fmaxf(amax[i], __shfl_xor_sync(0xffffffffu, amax[i], off));
+  }
+#pragma unroll
+  for (int i = 0; i < kR; ++i) {
+    const int r = warp + 8 * i;
+    const int rg = rb * cfg::kRowsPerCta + r;
     float qf = 1.f;
-    if (amax > 0.f && amax <= 3.0e38f) {
+    if (amax[i] > 0.f && amax[i] <= 3.0e38f) {
       int e2;
-      frexpf(amax, &e2);
+      frexpf(amax[i], &e2);
       qf = ldexpf(1.f, 8 - e2);
     }
+    const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&qr.v[i]);
+    float x[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]);
     uint4 v;
     v.x = ptx::pack2<Op>(x[0] * qf, x[1] * qf);
     v.y = ptx::pack2<Op>(x[2] * qf, x[3] * qf);

@@ -106,15 +106,23 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   Walker w;
   w.init(meta);
-  Segment seg;
+  Segment seg, next_seg;
   uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
-  while (w.next(p, seg)) {
+  // Q runs one segment ahead in registers: the loads of segment i + 1 are issued
+  // right after segment i's Q is stored and land while its tiles run, so a
+  // segment boundary costs a register -> shared-memory convert, not a round trip.
+  QRegs qr;
+  bool have = w.next(p, seg);
+  if (have && seg.lo < seg.hi) fetch_q<kKv>(p, seg.b, h, rb, qr);
+  while (have) {
     MFA_PROF(mark = prof::clk(); ++pc[prof::kSegments];)
-    ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q
-    if (seg.lo < seg.hi) load_q(p, s, seg.b, h, rb);
+    ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
+    if (seg.lo < seg.hi) store_q(p, s, rb, qr);
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+    const bool have_next = w.next(p, next_seg);
+    if (have_next && next_seg.lo < next_seg.hi) fetch_q<kKv>(p, next_seg.b, h, rb, qr);
     RowState rs;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -134,6 +142,8 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     MFA_PROF(mark = prof::clk();)
     epilogue<kKv>(p, pb, seg, rs, o, c, h, rb);
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
+    seg = next_seg;
+    have = have_next;
   }
 #ifdef AFDKIT_MFA_PROFILE
   pc[prof::kTiles] = tile_idx;

@@ -9,26 +9,39 @@
 
 namespace afdkit::mfa::sm90 {
 
+// Page ids of the tile at `c` (at most 4: pages of 16, 32 or 64 tokens), read from
+// the block table one half-tile before issue_half needs them, so the copy issue
+// does not wait on a dependent global load.
+constexpr int kMaxPagesPerTile = cfg::kTileN / 16;
+__device__ __forceinline__ void load_pages(const DecodeParams& p, const HalfCursor& c,
+                                           int (&pages)[kMaxPagesPerTile]) {
+  const int n_valid = c.n_valid();
+  const int32_t* table = p.block_table + c.seg.b * p.block_table_stride + c.tile * (cfg::kTileN / p.page_size);
+#pragma unroll
+  for (int k = 0; k < kMaxPagesPerTile; ++k)
+    pages[k] = k * p.page_size < min(n_valid, cfg::kTileN) ? __ldg(table + k) : 0;
+}
+
 // Thread 0: bulk copies of the valid rows of one half-tile into raw stage `stage`.
 // A page is one copy when its rows of this head are contiguous (one KV head),
 // else one copy per row.
 template <KvDtype kKv>
-__device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor& c, int h, int stage) {
+__device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor& c, int h, int stage,
+                           const int (&pages)[kMaxPagesPerTile]) {
   using Tr = Traits<kKv>;
   const int n_valid = c.n_valid();
   uint64_t* bar = &s.raw_full[stage];
   ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_valid * Tr::kRawRowBytes));
   const auto* base = static_cast<const uint8_t*>(c.half ? p.v_cache : p.k_cache);
-  const int pages_per_tile = cfg::kTileN / p.page_size;
-  const int32_t* table = p.block_table + c.seg.b * p.block_table_stride + c.tile * pages_per_tile;
   const bool contiguous = p.kv_stride_token == cfg::kHeadDim;
   uint8_t* dst = s.raw[stage];
   MFA_PROF(s.prof_issue[stage] = prof::clk();)
-  for (int k = 0; k < pages_per_tile; ++k) {
+#pragma unroll
+  for (int k = 0; k < kMaxPagesPerTile; ++k) {
     const int r0 = k * p.page_size;
     if (r0 >= n_valid) break;
     const int rows = min(p.page_size, n_valid - r0);
-    const uint8_t* src = base + (static_cast<int64_t>(table[k]) * p.kv_stride_page + h * p.kv_stride_head) *
+    const uint8_t* src = base + (static_cast<int64_t>(pages[k]) * p.kv_stride_page + h * p.kv_stride_head) *
                                     Tr::kKvBytes;
     if (contiguous) {
       ptx::bulk_copy_g2s(dst + r0 * Tr::kRawRowBytes, src, rows * Tr::kRawRowBytes, bar);
@@ -40,28 +53,45 @@ __device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor
   }
 }
 
-// fp8 -> fp16: each task turns 16 codes (16 B) of one token row into two 16-byte
-// operand chunks. Within an 8-lane phase the lanes take 8 different tokens
-// (tok % 8 = lane % 8) and 8 different 16-byte source columns, so both the raw
-// reads and the swizzled writes hit 8 distinct bank groups.
+// fp8 -> fp16: thread t converts 128 codes of one token row: token
+// (t / 16) * 8 + t % 8, dims [128 * ((t / 8) % 2), +128), as eight tasks of 16 codes
+// (16 B) -> two 16-byte operand chunks. Within an 8-lane phase the lanes take 8
+// different tokens (tok % 8 = lane % 8) and 8 different 16-byte source columns
+// (rotated by the lane), so both the raw reads and the swizzled writes hit 8
+// distinct bank groups. Reads go in batches of kConvBatch so that several are in
+// flight before the first convert; rows past the sequence end (stale or NaN
+// bytes) read as zero codes, which convert to +0.
+constexpr int kConvBatch = 4;
 __device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op, int n_valid) {
   const int t = threadIdx.x % cfg::kWarpgroup;
   const int j = t & 7, g8 = t >> 3;  // lane in phase, phase index 0..15
-#pragma unroll 2  // two 16-byte reads in flight; a full unroll spills under 56 registers
-  for (int it = 0; it < 8; ++it) {
-    const int c = g8 * 8 + it;  // 0..127: (token block, column half, rotation)
-    const int tok = (c >> 4) * 8 + j;
-    const int d16 = ((j + it) & 7) + 8 * ((c >> 3) & 1);  // 16-dim column 0..15
-    uint4 lo = make_uint4(0, 0, 0, 0), hi = lo;
-    if (tok < n_valid) {  // rows past the sequence end may hold stale or NaN bytes
-      const uint4 w = *reinterpret_cast<const uint4*>(raw + tok * cfg::kHeadDim + d16 * 16);
-      lo = make_uint4(ptx::cvt_e4m3x2_f16x2(w.x & 0xffff), ptx::cvt_e4m3x2_f16x2(w.x >> 16),
-                      ptx::cvt_e4m3x2_f16x2(w.y & 0xffff), ptx::cvt_e4m3x2_f16x2(w.y >> 16));
-      hi = make_uint4(ptx::cvt_e4m3x2_f16x2(w.z & 0xffff), ptx::cvt_e4m3x2_f16x2(w.z >> 16),
-                      ptx::cvt_e4m3x2_f16x2(w.w & 0xffff), ptx::cvt_e4m3x2_f16x2(w.w >> 16));
+  const int tok = (g8 >> 1) * 8 + j;
+  const int colhalf = g8 & 1;        // 16-dim columns [8 * colhalf, 8 * colhalf + 8)
+  const bool valid = tok < n_valid;
+  const uint8_t* src = raw + tok * cfg::kHeadDim + colhalf * 128;
+  uint8_t* dst = op + colhalf * 2 * cfg::kColBlockBytes + tok * cfg::kSwizzleBytes;
+#pragma unroll
+  for (int b = 0; b < 8; b += kConvBatch) {
+    uint4 w[kConvBatch];
+#pragma unroll
+    for (int u = 0; u < kConvBatch; ++u) {
+      const int d8 = (j + b + u) & 7;  // 16-dim column within the half
+      w[u] = valid ? *reinterpret_cast<const uint4*>(src + d8 * 16) : make_uint4(0, 0, 0, 0);
     }
-    *reinterpret_cast<uint4*>(op + op_chunk_offset(tok, 2 * d16)) = lo;
-    *reinterpret_cast<uint4*>(op + op_chunk_offset(tok, 2 * d16 + 1)) = hi;
+#pragma unroll
+    for (int u = 0; u < kConvBatch; ++u) {
+      const int d8 = (j + b + u) & 7;
+      // fp16 chunks 2*d8 and 2*d8 + 1 of the half = column block d8 / 4, chunks (2*d8) % 8 and +1
+      uint8_t* blk = dst + (d8 >> 2) * cfg::kColBlockBytes;
+      const int ch = (2 * d8) & 7;
+      uint4 lo, hi;
+      ptx::cvt_e4m3x4_f16x4(w[u].x, lo.x, lo.y);
+      ptx::cvt_e4m3x4_f16x4(w[u].y, lo.z, lo.w);
+      ptx::cvt_e4m3x4_f16x4(w[u].z, hi.x, hi.y);
+      ptx::cvt_e4m3x4_f16x4(w[u].w, hi.z, hi.w);
+      *reinterpret_cast<uint4*>(blk + ((ch ^ j) << 4)) = lo;
+      *reinterpret_cast<uint4*>(blk + (((ch + 1) ^ j) << 4)) = hi;
+    }
   }
 }
 
@@ -97,9 +127,15 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   const bool per_token = p.scale_mode == ScaleMode::kPerToken;
   HalfCursor conv, issue;
   conv.init(meta, p);
+  int pages[kMaxPagesPerTile];  // thread 0: pages of the issue cursor's tile
   if (tid == 0) {
     issue = conv;
-    for (int st = 0; st < Ring::kStages && issue.valid; ++st, issue.next(p)) issue_half(p, s, issue, h, st);
+    if (issue.valid) load_pages(p, issue, pages);
+    for (int st = 0; st < Ring::kStages && issue.valid; ++st) {
+      issue_half(p, s, issue, h, st, pages);
+      issue.next(p);
+      if (issue.valid && issue.half == 0) load_pages(p, issue, pages);
+    }
   }
   // Per-token scales run one tile ahead: loaded at tile j - 1, stored at tile j.
   float scale_next = per_token ? load_token_scale(p, conv, h) : 0.f;
@@ -131,8 +167,9 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
     MFA_PROF_LAP(pa, 2, mark);
     ptx::named_bar_sync(1, cfg::kWarpgroup);  // every thread is done reading raw[stage]
     if (tid == 0 && issue.valid) {
-      issue_half(p, s, issue, h, stage);
+      issue_half(p, s, issue, h, stage, pages);
       issue.next(p);
+      if (issue.valid && issue.half == 0) load_pages(p, issue, pages);  // used one half later
     }
     MFA_PROF_LAP(pa, 3, mark);
     tile_idx += is_v;
