@@ -65,8 +65,11 @@ def _mesh_core(ctx: RankContext) -> dict:
 
     def wait(v: int) -> None:
         if cuda:
-            e.wait_stream(sig_ptr, v, stream)
+            # The progress thread's watchdog releases the stream after 60 s; check() then
+            # raises MeshTimeout naming the wait instead of the rank hanging in synchronize().
+            e.wait_stream(sig_ptr, v, stream, 60.0, peer, f"bench signal {v}")
             torch.cuda.current_stream().synchronize()
+            m.check(peer)
         else:
             e.wait(sig_ptr, v, 60.0, peer)
 
@@ -77,11 +80,11 @@ def _mesh_core(ctx: RankContext) -> dict:
             seq += 1
             t0 = time.perf_counter()
             if ctx.rank == 0:
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
                 wait(seq)
             else:
                 wait(seq)
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
             if i >= 10:
                 lat.append((time.perf_counter() - t0) / 2)
         # Bandwidth: a stream of puts, then one acknowledgement from the receiver.
@@ -90,14 +93,14 @@ def _mesh_core(ctx: RankContext) -> dict:
         if ctx.rank == 0:
             for _ in range(nb):
                 seq += 1
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream)
+                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
             seq += 1
             wait(seq)
         else:
             seq += nb
             wait(seq)
             seq += 1
-            e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream)
+            e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
         bw = size * nb / (time.perf_counter() - t0) / 1e6
         out[size] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6, "bw_MBps": bw}
     out["backend"] = m.remote(peer, "buf").backend
@@ -146,15 +149,19 @@ def _step3(ctx: RankContext) -> dict:
 
 
 def _perftest_bin() -> tuple[str, str]:
+    """ucx_perftest of the libucx wheel and the library path that makes it load the wheel's
+    UCX (its own RPATH does not name it: without this it finds an older system libucp)."""
     import libucx
 
     root = os.path.dirname(libucx.__file__)
-    return os.path.join(root, "bin", "ucx_perftest"), os.path.join(root, "lib")
+    libs = [os.path.join(root, "lib"), os.path.join(os.path.dirname(root), "libucx_cu13.libs")]
+    return os.path.join(root, "bin", "ucx_perftest"), ":".join(d for d in libs if os.path.isdir(d))
 
 
 def _perftest(test: str, size: int, iters: int, env: dict[str, str], mem: str, port: int) -> dict | None:
     exe, lib = _perftest_bin()
     penv = dict(os.environ, **env)
+    penv.pop("RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY", None)
     penv["LD_LIBRARY_PATH"] = lib + (":" + penv["LD_LIBRARY_PATH"] if penv.get("LD_LIBRARY_PATH") else "")
     args = ["-p", str(port), "-m", mem]
     if mem == "cuda":
@@ -164,8 +171,12 @@ def _perftest(test: str, size: int, iters: int, env: dict[str, str], mem: str, p
     server = subprocess.Popen([exe, *args], env=server_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         time.sleep(0.3)
-        res = subprocess.run([exe, "127.0.0.1", *args, "-t", test, "-s", str(size), "-n", str(iters)],
-                             env=penv, capture_output=True, text=True, timeout=120)
+        try:
+            res = subprocess.run([exe, "127.0.0.1", *args, "-t", test, "-s", str(size), "-n", str(iters)],
+                                 env=penv, capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired as exc:
+            print(f"ucx_perftest {test} {size} B timed out: {(exc.stderr or b'')[-500:]!r}", file=sys.stderr)
+            return None
     finally:
         try:
             server.wait(timeout=10)
@@ -174,6 +185,7 @@ def _perftest(test: str, size: int, iters: int, env: dict[str, str], mem: str, p
             server.wait()
     line = [ln for ln in res.stdout.splitlines() if ln.startswith("Final:")]
     if not line:
+        print(f"ucx_perftest {test} {size} B gave no result: {res.stderr.strip()[-500:]}", file=sys.stderr)
         return None
     f = line[0].split()[1:]
     # iterations, lat p50, lat avg, lat overall, bw avg (MB/s), bw overall, msgrate avg, overall

@@ -42,10 +42,13 @@ def _gpu_pingpong(ctx: RankContext) -> dict:
         n = int(torch.randint(1, 8 << 20, (1,), generator=sizes).item()) if i % 4 else 8 << 20
         data = torch.randint(0, 256, (n,), dtype=torch.uint8, device=dev, generator=g)
         if (i % 2 == 1) == (ctx.rank == 0):
+            # stream 0 (torch's default stream) orders the put too: it must not race randint.
             m.put(data, peer, "buf", signal=("sig", 0, i), stream=stream)
         else:
-            m.wait_stream("sig", 0, i, stream)  # the copy below runs only after the data landed
+            m.wait_stream("sig", 0, i, stream, peer=peer)  # the copy below runs only after the data landed
             got = buf[:n].clone()
+            torch.cuda.current_stream().synchronize()
+            m.check(peer)  # MeshTimeout here (not a hang) if the watchdog had to release the stream
             assert torch.equal(got, data), f"message {i} differs"
             if i % 8 == 0:
                 m.wait("sig", 0, i, peer=peer)  # the host-blocking flavour on a GPU word
@@ -66,6 +69,36 @@ def test_gpu_put_signal(backend: str) -> None:
     for v in vals:
         assert v["backend"] == backend, v
         assert v["checked"] == 20
+
+
+def _stream_wait_timeout(ctx: RankContext) -> str:
+    from afdkit.mesh import Mesh, MeshConfig, MeshTimeout
+
+    dev = torch.device("cuda", ctx.rank)
+    torch.cuda.set_device(dev)
+    m = Mesh(ctx.rank, ctx.world_size, ctx.role, MeshConfig(mesh_id="gpu-watchdog", timeout_s=20, device=ctx.rank))
+    m.alloc("sig", 64, dev)
+    m.connect(ctx.store(), b"gpu-secret")
+    msg = ""
+    if ctx.rank == 0:  # waits for a signal that nobody sends: the watchdog must release the stream
+        stream = torch.cuda.current_stream()
+        m.wait_stream("sig", 0, 7, stream.cuda_stream, timeout_s=0.5, peer=1, what="a signal never sent")
+        stream.synchronize()  # returns: the watchdog released the stream
+        try:
+            m.check(1)
+        except MeshTimeout as exc:
+            msg = str(exc)
+    ctx.store().set(f"done{ctx.rank}", "1")
+    ctx.store().wait([f"done{1 - ctx.rank}"])
+    m.close()
+    return msg
+
+
+@pytest.mark.timeout(120)
+def test_gpu_stream_wait_times_out() -> None:
+    _need_two_gpus()
+    vals = check_all_ok(run_ranks(_stream_wait_timeout, ["attention", "ffn"], timeout_s=100))
+    assert "a signal never sent" in vals[0] and "timed out" in vals[0], vals[0]
 
 
 def _gpu_channel(ctx: RankContext) -> bool:

@@ -5,11 +5,13 @@
 
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "bindings/dlpack_capsule.h"
 #include "bindings/registry.h"
 #include "common/errors.h"
 #include "mesh/engine.h"
+#include "mesh/ucx_info.h"
 
 namespace afdkit::bindings {
 namespace {
@@ -73,7 +75,8 @@ py::list trace_events(Engine& e) {
 }
 
 void put(Engine& e, std::uintptr_t src, size_t nbytes, int peer, int region, size_t offset, int sig_region,
-         size_t sig_offset, uint64_t sig_value, std::uintptr_t stream, uint64_t tag, bool best_effort) {
+         size_t sig_offset, uint64_t sig_value, std::uintptr_t stream, uint64_t tag, bool best_effort,
+         std::optional<bool> ordered) {
   mesh::PutOp op;
   op.src = reinterpret_cast<const void*>(src);
   op.nbytes = nbytes;
@@ -84,6 +87,9 @@ void put(Engine& e, std::uintptr_t src, size_t nbytes, int peer, int region, siz
   op.sig_offset = sig_offset;
   op.sig_value = sig_value;
   op.stream = stream;
+  // Default: a non-zero stream orders the put; ordered=True also orders it on the legacy
+  // default stream, whose handle is 0 (torch's default stream).
+  op.ordered = ordered.has_value() ? *ordered : stream != 0;
   op.tag = tag;
   op.best_effort = best_effort;
   e.put(op);
@@ -115,6 +121,26 @@ void register_exceptions(py::module_& sub) {
 void register_mesh(py::module_& m) {
   auto sub = m.def_submodule("mesh", "One-sided transport: UCX (tcp/shm/cma/cuda_ipc/verbs) and CUDA IPC.");
   register_exceptions(sub);
+  sub.def("check_ucx", &mesh::check_ucx_runtime,
+          "Raises MeshError when the loaded UCX is older than the UCX afdkit was built against.");
+  sub.def("ucx_library_path", &mesh::ucx_library_path, "The file libucp was loaded from.");
+  // build_info() refuses a UCX runtime older than the build (registered before the mesh).
+  if (py::hasattr(m, "build_info")) {
+    py::object original = m.attr("build_info");
+    static const std::string doc =
+        "Version, git sha, nvcc version, CUDA arch, UCX version, library and transports. Raises "
+        "afdkit.mesh.MeshError when the loaded UCX is older than the UCX afdkit was built against.";
+    py::delattr(m, "build_info");  // a plain def would add an overload behind the original
+    m.def(
+        "build_info",
+        [original]() {
+          mesh::check_ucx_runtime();
+          py::dict d = original();
+          if (d.contains("ucx")) d["ucx"].attr("__setitem__")("library", mesh::ucx_library_path());
+          return d;
+        },
+        doc.c_str());
+  }
   sub.def("now_ns", &mesh::now_ns, "CLOCK_MONOTONIC in ns (the clock of trace events).");
   py::class_<Engine>(sub, "Engine")
       .def(py::init(&make_engine), py::arg("rank"), py::arg("world_size"), py::arg("device") = -1,
@@ -152,9 +178,10 @@ void register_mesh(py::module_& m) {
       .def("backend", &Engine::backend, py::arg("peer"), py::arg("region"))
       .def("put", &put, py::arg("src"), py::arg("nbytes"), py::arg("peer"), py::arg("region"), py::arg("offset") = 0,
            py::arg("sig_region") = -1, py::arg("sig_offset") = 0, py::arg("sig_value") = 0, py::arg("stream") = 0,
-           py::arg("tag") = 0, py::arg("best_effort") = false,
+           py::arg("tag") = 0, py::arg("best_effort") = false, py::arg("ordered") = py::none(),
            "One-sided write of nbytes at src into the peer's region at offset, then (fenced) the 8-byte "
-           "signal sig_value at sig_offset of region sig_region. Returns once posted; flush() for completion.")
+           "signal sig_value at sig_offset of region sig_region. Returns once posted; flush() for completion. "
+           "ordered (default: stream != 0) orders it after the work queued on stream (0: the legacy default stream).")
       .def("wait",
            [](Engine& e, std::uintptr_t word, uint64_t value, double timeout_s, int peer, const std::string& what,
               uint64_t tag, bool cuda) {
@@ -165,10 +192,12 @@ void register_mesh(py::module_& m) {
            py::arg("word"), py::arg("value"), py::arg("timeout_s"), py::arg("peer") = -1, py::arg("what") = "a signal",
            py::arg("tag") = 0, py::arg("cuda") = false)
       .def("wait_stream",
-           [](Engine& e, std::uintptr_t word, uint64_t value, std::uintptr_t stream) {
-             e.wait_stream(reinterpret_cast<const uint64_t*>(word), value, stream);
+           [](Engine& e, std::uintptr_t word, uint64_t value, std::uintptr_t stream, double timeout_s, int peer,
+              const std::string& what) {
+             e.wait_stream(reinterpret_cast<const uint64_t*>(word), value, stream, timeout_s, peer, what);
            },
-           py::arg("word"), py::arg("value"), py::arg("stream"))
+           py::arg("word"), py::arg("value"), py::arg("stream"), py::arg("timeout_s") = 30.0, py::arg("peer") = -1,
+           py::arg("what") = "a stream-ordered signal")
       .def("load",
            [](Engine& e, std::uintptr_t word, bool cuda) {
              return e.load(reinterpret_cast<const uint64_t*>(word), cuda ? MemKind::kCuda : MemKind::kHost);

@@ -16,6 +16,7 @@
 
 #include "common/errors.h"
 #include "mesh/gpu.h"
+#include "mesh/ucx_info.h"
 
 namespace afdkit::mesh {
 
@@ -81,6 +82,7 @@ Engine::Engine(const EngineOptions& options) : opt_(options), tracer_(options.tr
     AFDKIT_THROW(ValueError, "afdkit.mesh: err_mode must be 'auto', 'peer' or 'none', got '", opt_.err_mode, "'");
   if (opt_.world_size < 1 || opt_.rank < 0 || opt_.rank >= opt_.world_size)
     AFDKIT_THROW(ValueError, "afdkit.mesh: rank ", opt_.rank, " is outside world_size ", opt_.world_size);
+  check_ucx_runtime();  // an older libucp than the headers we were built with misbehaves
   try {
     context_ = make_context(opt_);
     ucp_worker_params_t wp{};
@@ -323,7 +325,7 @@ void Engine::put(const PutOp& op) {
   if (op.best_effort && peer_state(op.peer) != 0) return;
   check_health(op.peer, "put");
   tracer_.record(op.tag, op.peer, TraceKind::kEnqueue, op.nbytes);
-  if (op.stream && r.ipc_ptr && (!s || s->ipc_ptr)) {
+  if (op.ordered && r.ipc_ptr && (!s || s->ipc_ptr)) {
     // Same-host GPUs: a copy engine moves the data, the stream writes the signal.
     auto stream = reinterpret_cast<cudaStream_t>(op.stream);
     if (op.nbytes) gpu::copy_async(r.ipc_ptr + op.offset, op.src, op.nbytes, stream);
@@ -331,9 +333,9 @@ void Engine::put(const PutOp& op) {
     if (s) gpu::write_value(stream, reinterpret_cast<uint64_t*>(s->ipc_ptr + op.sig_offset), op.sig_value);
     return;
   }
-  if (op.stream) {
+  if (op.ordered) {
     // UCX posts from the CPU: the progress thread posts once the stream reached this point.
-    StreamPut sp{gpu::record_event(reinterpret_cast<cudaStream_t>(op.stream)), op};
+    StreamPut sp{gpu::record_event(reinterpret_cast<cudaStream_t>(op.stream)), op, gpu::current_device()};
     {
       std::lock_guard<std::mutex> lock(stream_mu_);
       stream_puts_.push_back(sp);

@@ -65,7 +65,8 @@ struct PutOp {
   int sig_region = -1;  // -1: no signal
   size_t sig_offset = 0;
   uint64_t sig_value = 0;
-  uintptr_t stream = 0;  // 0: post now from this thread; else ordered after the stream's work
+  uintptr_t stream = 0;  // the CUDA stream (0: the legacy default stream) when `ordered`
+  bool ordered = false;  // false: post now from this thread; true: after `stream`'s prior work
   uint64_t tag = 0;      // trace id
   bool best_effort = false;  // skip silently when the peer already left (acknowledgements)
 };
@@ -139,8 +140,13 @@ class Engine {
   // `peer` (-1: any) names the writer for messages and for its liveness.
   void wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
             const std::string& what, uint64_t tag = 0);
-  // Stream-ordered: work queued on `stream` after this waits for *word >= value.
-  void wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream);
+  // Stream-ordered: work queued on `stream` after this waits for *word >= value. A
+  // watchdog of the progress thread honours `timeout_s`: past it (or once a peer is
+  // lost) it releases the stream by storing `value` into the word and poisons the
+  // engine, so that the next call (check_health, wait, put, flush) raises MeshTimeout
+  // (or MeshPeerLost) naming what the stream waited for, instead of the GPU hanging.
+  void wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream, double timeout_s = 30.0,
+                   int peer = -1, const std::string& what = "a stream-ordered signal");
   // A non-blocking read of a signal word (acquire).
   uint64_t load(const uint64_t* word, MemKind kind) const;
 
@@ -186,6 +192,16 @@ class Engine {
   struct StreamPut {  // a UCX put that waits for the caller's stream to reach it
     cudaEvent_t event;
     PutOp op;
+    int device;  // the caller's device: the progress thread makes it current to post
+  };
+  struct StreamWait {  // a pending cuStreamWaitValue64, watched by the progress thread
+    uint64_t* word;
+    uint64_t value;
+    int64_t start_ns, deadline_ns;
+    int peer;
+    int device;
+    MemKind kind;
+    std::string what;
   };
   Peer& peer_ref(int rank);
   const RemoteRegion& remote_ref(Peer& p, int region, size_t offset, size_t nbytes, const char* what);
@@ -194,6 +210,9 @@ class Engine {
   void post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag);
   void progress_loop();
   bool drain_stream_puts();
+  // Checks pending stream waits: drops the satisfied ones, releases expired ones (and all
+  // of them once a peer is lost). Returns true while some are pending.
+  bool watch_stream_waits(int64_t now);
   void broadcast_state(int subject, PeerState state);
   void check_liveness();
   void wake();
@@ -229,6 +248,12 @@ class Engine {
   std::atomic<bool> sleeping_{false};
   std::atomic<bool> closed_{false};
   std::string progress_error_;  // a failure inside the progress thread, reported by waits
+  std::mutex watch_mu_;
+  std::vector<StreamWait> stream_waits_;
+  std::atomic<int> n_stream_waits_{0};
+  int64_t last_watch_ns_ = 0;
+  mutable std::mutex error_mu_;
+  std::string stream_timeout_;  // sticky: a stream wait ran past its timeout (MeshTimeout)
   int wake_fd_ = -1;
   int epoll_fd_ = -1;
   std::thread progress_;

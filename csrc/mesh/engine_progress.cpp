@@ -123,6 +123,10 @@ void Engine::progress_loop() {
       check_liveness();
       last_liveness = now;
     }
+    if (n_stream_waits_.load() > 0 && now - last_watch_ns_ > 1000000) {  // at most every 1 ms
+      last_watch_ns_ = now;
+      watch_stream_waits(now);
+    }
     if (active) {
       last_active = now;
       continue;
@@ -161,6 +165,9 @@ bool Engine::drain_stream_puts() {
     StreamPut& head = stream_puts_.front();
     bool done = true;
     try {
+      // This thread has no CUDA device of its own: query and post in the caller's, or
+      // the runtime would make a context on device 0 and UCX would copy from there.
+      gpu::set_device(head.device);
       done = gpu::event_done(head.event);
     } catch (const std::exception& e) {
       progress_error_ = e.what();
@@ -253,6 +260,11 @@ void Engine::check_health(int peer, const std::string& what) const {
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", lost, "; the mesh is unusable");
   if (peer >= 0 && peer_state(peer) != 0)
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", describe_state(peer));
+  {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (!stream_timeout_.empty())
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", stream_timeout_);
+  }
   if (!progress_error_.empty())
     AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " ", what, ": the progress thread failed: ",
                  progress_error_);
@@ -328,9 +340,81 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
   }
 }
 
-void Engine::wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream) {
-  check_health(-1, "stream wait");
+void Engine::wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream, double timeout_s, int peer,
+                         const std::string& what) {
+  if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", what, " on a closed mesh");
+  check_health(peer, str_cat("stream wait for ", what));
+  const int device = gpu::device_of(word);
+  const MemKind kind = device >= 0 && gpu::device_address(word) == word ? MemKind::kCuda : MemKind::kHost;
   gpu::wait_value(reinterpret_cast<cudaStream_t>(stream), word, value);
+  const int64_t now = now_ns();
+  const double t = timeout_s > 0 ? std::min(timeout_s, 1e9) : 1e9;
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    stream_waits_.push_back(StreamWait{const_cast<uint64_t*>(word), value, now, now + static_cast<int64_t>(t * 1e9),
+                                       peer, device >= 0 ? device : gpu::current_device(), kind, what});
+    n_stream_waits_.store(static_cast<int>(stream_waits_.size()));
+  }
+  wake();
+}
+
+bool Engine::watch_stream_waits(int64_t now) {
+  std::vector<StreamWait> waits;
+  {
+    std::lock_guard<std::mutex> lock(watch_mu_);
+    waits.swap(stream_waits_);
+  }
+  std::vector<StreamWait> keep;
+  std::string expired;
+  const bool lost = lost_count() > 0;
+  const uint64_t* last_word = nullptr;
+  uint64_t last_value = 0;
+  for (auto& w : waits) {
+    uint64_t cur = 0;
+    try {
+      if (w.word == last_word) {
+        cur = last_value;
+      } else {
+        cur = w.kind == MemKind::kCuda ? gpu::read_word(w.word) : __atomic_load_n(w.word, __ATOMIC_ACQUIRE);
+        last_word = w.word;
+        last_value = cur;
+      }
+    } catch (const std::exception& e) {
+      cur = 0;
+      if (progress_error_.empty()) progress_error_ = str_cat("reading the word of a stream wait: ", e.what());
+    }
+    if (cur >= w.value) continue;  // satisfied: the stream went on
+    const bool peer_gone = lost || (w.peer >= 0 && peer_state(w.peer) != 0) || !progress_error_.empty();
+    if (!peer_gone && now <= w.deadline_ns) {
+      keep.push_back(std::move(w));
+      continue;
+    }
+    // Release the GPU: the stream must not hang forever on a word nobody will write.
+    bool released = false;
+    if (w.kind == MemKind::kCuda) {
+      released = gpu::store_word(w.word, w.value);
+    } else {
+      __atomic_store_n(w.word, w.value, __ATOMIC_RELEASE);
+      released = true;
+    }
+    if (!peer_gone && expired.empty()) {
+      char waited[32];
+      std::snprintf(waited, sizeof(waited), "%.3f", (now - w.start_ns) * 1e-9);
+      expired = str_cat("a stream-ordered wait timed out after ", waited, " s waiting for ", w.what,
+                        w.peer >= 0 && peers_[w.peer] ? str_cat(" from ", peers_[w.peer]->label) : std::string(),
+                        " (signal is ", cur, ", expected >= ", w.value, "); the stream was ",
+                        released ? "released and the data it guards is invalid" : "NOT released (store failed)",
+                        "; the mesh is unusable");
+    }
+  }
+  if (!expired.empty()) {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (stream_timeout_.empty()) stream_timeout_ = expired;
+  }
+  std::lock_guard<std::mutex> lock(watch_mu_);
+  for (auto& w : keep) stream_waits_.push_back(std::move(w));
+  n_stream_waits_.store(static_cast<int>(stream_waits_.size()));
+  return !stream_waits_.empty();
 }
 
 void Engine::flush(double timeout_s) {

@@ -3,6 +3,7 @@
 #include <cuda.h>
 
 #include <cstring>
+#include <unordered_map>
 
 #include "common/cuda_check.h"
 #include "common/driver.h"
@@ -74,10 +75,76 @@ uint64_t* device_address(const uint64_t* word) {
                " is pageable");
 }
 
+namespace {
+// One non-blocking stream per (thread, device) for word reads/stores: cudaMemcpy would
+// run on the legacy default stream and queue behind a pending stream wait-value there.
+cudaStream_t word_stream(int device) {
+  thread_local std::unordered_map<int, cudaStream_t> streams;
+  auto it = streams.find(device);
+  if (it != streams.end()) return it->second;
+  cudaStream_t s = nullptr;
+  AFDKIT_CUDA_CHECK(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+  streams.emplace(device, s);
+  return s;
+}
+
+// Makes the device of `ptr` current for the scope (restores the previous one).
+struct DeviceScope {
+  int previous = -1, device = -1;
+  explicit DeviceScope(const void* ptr) {
+    device = device_of(ptr);
+    if (cudaGetDevice(&previous) != cudaSuccess) previous = -1;
+    if (device >= 0 && device != previous) AFDKIT_CUDA_CHECK(cudaSetDevice(device));
+    if (device < 0) device = previous;
+  }
+  ~DeviceScope() {
+    if (previous >= 0 && device != previous) cudaSetDevice(previous);
+  }
+};
+}  // namespace
+
+int device_of(const void* ptr) {
+  cudaPointerAttributes attr{};
+  if (cudaPointerGetAttributes(&attr, ptr) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  if (attr.type == cudaMemoryTypeUnregistered) return -1;
+  return attr.device;
+}
+
+int current_device() {
+  int d = -1;
+  if (cudaGetDevice(&d) != cudaSuccess) {
+    cudaGetLastError();
+    return -1;
+  }
+  return d;
+}
+
+void set_device(int device) {
+  if (device >= 0 && current_device() != device) AFDKIT_CUDA_CHECK(cudaSetDevice(device));
+}
+
 uint64_t read_word(const uint64_t* word) {
+  DeviceScope scope(word);
+  cudaStream_t s = word_stream(scope.device);
   uint64_t v = 0;
-  AFDKIT_CUDA_CHECK(cudaMemcpy(&v, word, sizeof(v), cudaMemcpyDefault));
+  AFDKIT_CUDA_CHECK(cudaMemcpyAsync(&v, word, sizeof(v), cudaMemcpyDefault, s));
+  AFDKIT_CUDA_CHECK(cudaStreamSynchronize(s));
   return v;
+}
+
+bool store_word(uint64_t* word, uint64_t value) {
+  try {
+    DeviceScope scope(word);
+    cudaStream_t s = word_stream(scope.device);
+    uint64_t v = value;
+    if (cudaMemcpyAsync(word, &v, sizeof(v), cudaMemcpyDefault, s) != cudaSuccess) return false;
+    return cudaStreamSynchronize(s) == cudaSuccess;
+  } catch (const std::exception&) {
+    return false;
+  }
 }
 
 cudaEvent_t record_event(cudaStream_t stream) {

@@ -28,7 +28,17 @@ void wait_value(cudaStream_t stream, const uint64_t* word, uint64_t value);
 // The device-visible address of a host word (pinned/registered memory) or the word itself.
 uint64_t* device_address(const uint64_t* word);
 // A blocking read of a word in device memory (host waits on GPU signals, the slow path).
+// It copies on a non-blocking stream of the word's device, so that a stream wait that
+// the legacy default stream holds (cuStreamWaitValue64 on stream 0) cannot block it.
 uint64_t read_word(const uint64_t* word);
+// Stores `value` into a word in device memory (same non-blocking stream); releases a
+// stream wait that timed out. Returns false on a CUDA error (nothing is thrown).
+bool store_word(uint64_t* word, uint64_t value);
+// The CUDA device owning a device (or pinned) pointer; -1 when it is not CUDA memory.
+int device_of(const void* ptr);
+// The calling thread's current device (-1 where CUDA is unavailable) / make `device` current.
+int current_device();
+void set_device(int device);
 
 // Events order a CPU-posted UCX put after the caller's stream work.
 cudaEvent_t record_event(cudaStream_t stream);

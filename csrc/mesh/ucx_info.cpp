@@ -3,11 +3,39 @@
 #include <ucp/api/ucp.h>
 #include <uct/api/uct.h>
 
+#include <dlfcn.h>
+
 #include <vector>
+
+#include "common/errors.h"
+#include "mesh/mesh_errors.h"
 
 namespace afdkit::mesh {
 
 std::string ucx_runtime_version() { return ucp_get_version_string(); }
+
+std::string ucx_build_api_version() { return str_cat(UCP_API_MAJOR, ".", UCP_API_MINOR); }
+
+std::string ucx_library_path() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&ucp_get_version), &info) && info.dli_fname) return info.dli_fname;
+  return "";
+}
+
+void check_ucx_runtime() {
+  unsigned major = 0, minor = 0, release = 0;
+  ucp_get_version(&major, &minor, &release);
+  if (major < UCP_API_MAJOR || (major == UCP_API_MAJOR && minor < UCP_API_MINOR)) {
+    const std::string path = ucx_library_path();
+    AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: the UCX runtime ", major, ".", minor, ".", release,
+                      path.empty() ? std::string() : str_cat(" (loaded from ", path, ")"),
+                      " is older than UCX ", ucx_build_api_version(),
+                      " that afdkit was built against; load the libucx wheel's libraries first "
+                      "(import afdkit, which runs libucx.load_library(), before anything else that loads "
+                      "UCX; do not set RAPIDS_LIBUCX_PREFER_SYSTEM_LIBRARY), or put a UCX >= ",
+                      ucx_build_api_version(), " first on LD_LIBRARY_PATH");
+  }
+}
 
 namespace {
 void add_md_transports(uct_component_h component, const char* md_name, std::vector<std::string>* out) {

@@ -241,7 +241,7 @@ class AfdChannel:
         seq = self._sent[pi][k] + 1
         dst = (self._me * self.K + k) * in_layout.capacity
         self._eng.put(slot.data_ptr(), nbytes, peer, self._remote_in[peer], dst, self._remote_sig[peer],
-                      (self._me * self.K + k) * 8, seq, self._stream(), tag)
+                      (self._me * self.K + k) * 8, seq, self._stream(), tag, False, self._cuda)
         self._sent[pi][k] = seq
 
     def _await_credit(self, pi: int, k: int, layer: int, mb: int) -> None:
@@ -270,7 +270,7 @@ class AfdChannel:
         self._got[pi][k] = seq
         # Release the slot: the writer may now reuse it (stream-ordered after the copies on GPU).
         self._eng.put(0, 0, peer, self._remote_sig[peer], 0, self._remote_sig[peer], self._my_ack_off_at_peer(k), seq,
-                      self._stream(), 0, True)
+                      self._stream(), 0, True, self._cuda)
         self._eng.mark(tag, peer, _CONSUMED, layout.size(n))
         return n, idx, copies
 

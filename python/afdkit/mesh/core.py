@@ -84,6 +84,7 @@ class Mesh:
         self.config = config or MeshConfig()
         self.rank, self.world_size, self.role = rank, world_size, role
         c = self.config
+        native().mesh.check_ucx()  # refuse a libucp older than the build, naming both versions
         self._engine = native().mesh.Engine(
             rank, world_size, device=-1 if c.device is None else c.device, keepalive_s=c.keepalive_s,
             spin_us=c.spin_us, max_sleep_us=c.max_sleep_us, trace_capacity=c.trace_capacity,
@@ -229,9 +230,10 @@ class Mesh:
         byte ``offset``, then the signal ``(region, byte offset, value)`` after the data.
 
         Returns once posted: keep ``src`` unchanged until :meth:`flush` (or until the
-        receiver acknowledges). ``stream`` (a raw CUDA stream handle) orders the put after
-        that stream's work: CUDA IPC + stream write-value on one host, else UCX posted by
-        the progress thread once the stream reaches it.
+        receiver acknowledges). ``stream`` (a raw CUDA stream handle; ``0`` is the legacy
+        default stream, torch's default) orders the put after that stream's work: CUDA IPC
+        + stream write-value on one host, else UCX posted by the progress thread once the
+        stream reaches it. ``None`` posts at once from this thread.
         """
         if not src.is_contiguous():
             raise ValueError("afdkit.mesh.put: 'src' must be contiguous")
@@ -244,7 +246,7 @@ class Mesh:
         if signal is not None:
             sig_region, sig_offset, sig_value = self.remote(peer, signal[0]).handle, int(signal[1]), int(signal[2])
         self._engine.put(src.data_ptr(), size, peer, region.handle, int(offset), sig_region, sig_offset, sig_value,
-                         int(stream or 0), int(tag))
+                         int(stream or 0), int(tag), False, stream is not None)
 
     def wait(self, name: str, offset: int, value: int, *, timeout_s: float | None = None, peer: int | None = None,
              what: str | None = None) -> None:
@@ -259,12 +261,23 @@ class Mesh:
                           self.config.timeout_s if timeout_s is None else float(timeout_s),
                           -1 if peer is None else peer, what or f"signal '{name}'+{offset} >= {value}", 0, loc.cuda)
 
-    def wait_stream(self, name: str, offset: int, value: int, stream: int) -> None:
+    def wait_stream(self, name: str, offset: int, value: int, stream: int, *, timeout_s: float | None = None,
+                    peer: int | None = None, what: str | None = None) -> None:
         """Stream-ordered wait: work queued on ``stream`` after this call waits until the
-        signal word reaches ``value`` (cuStreamWaitValue64); the CPU is not blocked."""
+        signal word reaches ``value`` (cuStreamWaitValue64); the CPU is not blocked.
+
+        The progress thread watches the word: if it does not reach ``value`` within
+        ``timeout_s`` (default: the mesh timeout), or ``peer`` (any rank) is lost, the stream
+        is released (the word is set to ``value``; what it guards is invalid) and the mesh
+        is poisoned: the next :meth:`check`, wait, put or flush raises MeshTimeout naming
+        this wait (MeshPeerLost for a lost peer). Call :meth:`check` after synchronizing
+        the stream before trusting the data.
+        """
         loc = self._local_ref(name)
         self._check_word(name, loc, offset)
-        self._engine.wait_stream(loc.tensor.data_ptr() + offset, int(value), int(stream))
+        self._engine.wait_stream(loc.tensor.data_ptr() + offset, int(value), int(stream),
+                                 self.config.timeout_s if timeout_s is None else float(timeout_s),
+                                 -1 if peer is None else peer, what or f"signal '{name}'+{offset} >= {value}")
 
     def signal_value(self, name: str, offset: int) -> int:
         loc = self._local_ref(name)

@@ -46,6 +46,11 @@ class RankResult:
 
 def _child(target: Callable[[RankContext], Any], ctx: RankContext, env: dict[str, str], results: Any) -> None:
     os.environ.update(env)  # before UCX reads its configuration
+    # The libucx wheel's libraries first (native() loads them before afdkit._C): nothing
+    # the target imports may resolve an older system libucp.so.0 before them.
+    from afdkit._native import native
+
+    native().mesh.check_ucx()
     import torch
 
     torch.set_num_threads(1)  # ranks share the host's cores; intra-op thread pools would fight
