@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -42,7 +41,8 @@ def _pct(xs: list[float], q: float) -> float:
 # ---- afdkit.mesh, core put + signal ------------------------------------------------
 
 
-def _mesh_core(ctx: RankContext) -> dict:
+def _open_mesh(ctx: RankContext, mesh_id: str, ipc: bool):
+    """This rank's Mesh on its GPU (or the CPU); the CUDA IPC backend only with ``ipc``."""
     from afdkit.mesh import Mesh, MeshConfig
 
     a = ctx.args
@@ -50,10 +50,18 @@ def _mesh_core(ctx: RankContext) -> dict:
     if a["gpu"]:
         torch.cuda.set_device(dev)
     m = Mesh(ctx.rank, ctx.world_size, ctx.role,
-             MeshConfig(mesh_id="bench", timeout_s=60, spin_us=a["spin_us"],
-                        device=ctx.rank if a["gpu"] and a["ipc"] else None))
+             MeshConfig(mesh_id=mesh_id, timeout_s=60, spin_us=a["spin_us"],
+                        device=ctx.rank if a["gpu"] and ipc else None))
+    return m, dev
+
+
+
+def _mesh_core(ctx: RankContext) -> dict:
+    a = ctx.args
+    m, dev = _open_mesh(ctx, "bench", ipc=a["ipc"])
     top = max(a["sizes"])
-    src, buf = m.alloc("src", top, dev), m.alloc("buf", top, dev)
+    src = m.alloc("src", top, dev)
+    m.alloc("buf", top, dev)  # the peer's put target
     m.alloc("sig", 64, dev)
     m.connect(ctx.store(), b"bench-secret")
     e, peer = m.engine, 1 - ctx.rank
@@ -113,14 +121,10 @@ def _mesh_core(ctx: RankContext) -> dict:
 
 
 def _step3(ctx: RankContext) -> dict:
-    from afdkit.mesh import AfdChannel, ChannelConfig, Mesh, MeshConfig, TensorSpec
+    from afdkit.mesh import AfdChannel, ChannelConfig, TensorSpec
 
     a = ctx.args
-    dev = torch.device("cuda", ctx.rank) if a["gpu"] else torch.device("cpu")
-    if a["gpu"]:
-        torch.cuda.set_device(dev)
-    m = Mesh(ctx.rank, ctx.world_size, ctx.role,
-             MeshConfig(mesh_id="step3", timeout_s=60, spin_us=a["spin_us"], device=ctx.rank if a["gpu"] else None))
+    m, dev = _open_mesh(ctx, "step3", ipc=True)
     m.connect(ctx.store(), b"bench-secret")
     send = (TensorSpec("u", (STEP3_HIDDEN,), torch.float8_e4m3fn),)
     recv = (TensorSpec("y", (STEP3_HIDDEN,), torch.bfloat16),)

@@ -18,6 +18,8 @@ def test_build_info_reports_ucx():
     ucx = afdkit.build_info()["ucx"]
     assert re.match(r"\d+\.\d+", ucx["runtime_version"])
     assert ucx["runtime_version"].startswith(ucx["build_version"])
+    assert ucx["compatible"] is True and "error" not in ucx
+    assert "libucp" in ucx["library"]  # the file the loader resolved, for diagnosing a wrong UCX
     # Every host has loopback TCP and shared memory: the CPU mesh tests rely on them.
     names = {t.split("/")[0] for t in ucx["transports"]}
     assert "tcp" in names

@@ -30,7 +30,18 @@ py::dict build_info() {
   py::dict ucx;
   ucx["build_version"] = AFDKIT_UCX_BUILD_VERSION;
   ucx["runtime_version"] = mesh::ucx_runtime_version();
-  ucx["transports"] = mesh::ucx_transports();
+  ucx["library"] = mesh::ucx_library_path();
+  // Report, do not raise: this is what one runs to diagnose a wrong UCX. The transport
+  // query uses UCT structs of the build's version, so it is skipped for an older runtime.
+  try {
+    mesh::check_ucx_runtime();
+    ucx["compatible"] = true;
+    ucx["transports"] = mesh::ucx_transports();
+  } catch (const std::exception& e) {
+    ucx["compatible"] = false;
+    ucx["error"] = std::string(e.what());
+    ucx["transports"] = py::list();
+  }
   d["ucx"] = ucx;
   return d;
 }

@@ -124,23 +124,6 @@ void register_mesh(py::module_& m) {
   sub.def("check_ucx", &mesh::check_ucx_runtime,
           "Raises MeshError when the loaded UCX is older than the UCX afdkit was built against.");
   sub.def("ucx_library_path", &mesh::ucx_library_path, "The file libucp was loaded from.");
-  // build_info() refuses a UCX runtime older than the build (registered before the mesh).
-  if (py::hasattr(m, "build_info")) {
-    py::object original = m.attr("build_info");
-    static const std::string doc =
-        "Version, git sha, nvcc version, CUDA arch, UCX version, library and transports. Raises "
-        "afdkit.mesh.MeshError when the loaded UCX is older than the UCX afdkit was built against.";
-    py::delattr(m, "build_info");  // a plain def would add an overload behind the original
-    m.def(
-        "build_info",
-        [original]() {
-          mesh::check_ucx_runtime();
-          py::dict d = original();
-          if (d.contains("ucx")) d["ucx"].attr("__setitem__")("library", mesh::ucx_library_path());
-          return d;
-        },
-        doc.c_str());
-  }
   sub.def("now_ns", &mesh::now_ns, "CLOCK_MONOTONIC in ns (the clock of trace events).");
   py::class_<Engine>(sub, "Engine")
       .def(py::init(&make_engine), py::arg("rank"), py::arg("world_size"), py::arg("device") = -1,
