@@ -92,7 +92,7 @@ def moe_layer(u: torch.Tensor, router_logits: torch.Tensor, w: FP8ExpertWeights,
     ``shared`` = (gate [I, H], up [I, H], down [H, I]) applied to every token, in u's dtype.
     """
     weights, ids = moe.route(router_logits, top_k)
-    permuted = moe.permute(u, ids, w.num_experts, quant="none")
+    permuted = moe.permute(u, ids, w.num_experts, quant="none", check_ids=False)  # route's ids are in range
     y = routed_experts(permuted.x, permuted.expert_offsets, w)
     out = moe.unpermute(y.to(torch.bfloat16), permuted, weights).float()
     if shared is not None:

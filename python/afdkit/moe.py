@@ -74,7 +74,7 @@ class Permuted:
     inverse: torch.Tensor          # [T, k] int32: row of (token, k) in x
 
 
-def _check_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, quant: str) -> None:
+def _check_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, quant: str, check_ids: bool) -> None:
     op = "afdkit.moe.permute"
     v.is_tensor(op, "x", x)
     v.dtype(op, "x", x, (torch.bfloat16, torch.float16, torch.float32))
@@ -90,7 +90,7 @@ def _check_permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, qu
     if not 1 <= num_experts <= 512:
         raise ValueError(f"{op}: num_experts must be in 1..512, got {num_experts}")
     v.same_device(op, {"x": x, "topk_ids": topk_ids})
-    if not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and topk_ids.numel():
+    if check_ids and not (x.is_cuda and torch.cuda.is_current_stream_capturing()) and topk_ids.numel():
         lo, hi = int(topk_ids.min()), int(topk_ids.max())
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"{op}: expert ids must be in [0, {num_experts}), got values in [{lo}, {hi}]")
@@ -114,9 +114,14 @@ def _permute_cpu(x: torch.Tensor, ids: torch.Tensor, num_experts: int, quant: st
     return Permuted(rows, scales, counts, offsets, inverse.view(tokens, top_k).to(torch.int32))
 
 
-def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, quant: str = "fp8") -> Permuted:
-    """Groups each token's copies by expert (FP8 + per-128-channel scales by default)."""
-    _check_permute(x, topk_ids, num_experts, quant)
+def permute(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int, quant: str = "fp8",
+            check_ids: bool = True) -> Permuted:
+    """Groups each token's copies by expert (FP8 + per-128-channel scales by default).
+
+    ``check_ids`` reads the ids' range on the host (one device-to-host copy; skipped during
+    graph capture); pass False for ids that :func:`route` produced, as decode loops do.
+    """
+    _check_permute(x, topk_ids, num_experts, quant, check_ids)
     if x.device.type != "cuda":
         return _permute_cpu(x, topk_ids, num_experts, quant)
     ids = topk_ids.to(torch.int32).contiguous()
