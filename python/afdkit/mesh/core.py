@@ -302,9 +302,15 @@ class Mesh:
         """Poisons the mesh: every rank's pending and later calls raise MeshPeerLost."""
         self._engine.abort()
 
-    def close(self, timeout_s: float = 2.0) -> None:
-        """Tells the peers this rank leaves, flushes and disconnects. Idempotent."""
-        self._engine.close(timeout_s)
+    def close(self, timeout_s: float | None = None) -> None:
+        """Tells the peers this rank leaves, flushes and disconnects. Idempotent.
+
+        The departure notice must reach every peer before the sockets close, or a peer
+        that sees the disconnect first takes it for a crash and fails the whole mesh; so
+        the flush may take up to ``timeout_s`` (default: the mesh's timeout), not a short
+        fixed grace that a loaded host can overrun.
+        """
+        self._engine.close(self.config.timeout_s if timeout_s is None else timeout_s)
 
     def __enter__(self) -> "Mesh":
         return self
