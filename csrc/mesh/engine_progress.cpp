@@ -18,6 +18,9 @@
 namespace afdkit::mesh {
 namespace {
 
+constexpr int kFlagWatchPeriodMs = 2;
+constexpr int64_t kFlagWatchPeriodNs = kFlagWatchPeriodMs * 1000000LL;
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -127,6 +130,10 @@ void Engine::progress_loop() {
       last_watch_ns_ = now;
       watch_stream_waits(now);
     }
+    if (n_flag_watches_.load() > 0 && now - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
+      last_flag_watch_ns_ = now;
+      watch_flag_waits(now);
+    }
     if (active) {
       last_active = now;
       continue;
@@ -149,7 +156,8 @@ void Engine::progress_loop() {
     }
     epoll_event evs[4];
     stat_sleeps_.fetch_add(1, std::memory_order_relaxed);
-    epoll_wait(epoll_fd_, evs, 4, sleep_ms);
+    // Watched flags are read from host memory: waking every few ms for them is cheap.
+    epoll_wait(epoll_fd_, evs, 4, n_flag_watches_.load() > 0 ? std::min(sleep_ms, kFlagWatchPeriodMs) : sleep_ms);
     sleeping_.store(false);
     uint64_t drained;
     while (::read(wake_fd_, &drained, sizeof(drained)) > 0) {
@@ -173,7 +181,7 @@ bool Engine::drain_stream_puts() {
       progress_error_ = e.what();
     }
     if (!done) return true;  // FIFO: later puts stay behind this one
-    StreamPut sp = head;
+    StreamPut sp = std::move(head);
     stream_puts_.pop_front();
     lock.unlock();
     gpu::destroy_event(sp.event);
