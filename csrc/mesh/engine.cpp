@@ -367,6 +367,7 @@ void Engine::put_message(const MessageOp& op) {
     {
       std::lock_guard<std::mutex> lock(stream_mu_);
       stream_puts_.push_back(std::move(sp));
+      stream_puts_pending_.store(static_cast<int>(stream_puts_.size()));
     }
     wake();
     return;

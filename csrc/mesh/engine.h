@@ -300,6 +300,7 @@ class Engine {
   std::atomic<int> ucx_waiting_{0};
   std::mutex stream_mu_;
   std::deque<StreamPut> stream_puts_;
+  std::atomic<int> stream_puts_pending_{0};  // stream_puts_.size(), readable without the lock
   std::atomic<int64_t> outstanding_{0};
   std::atomic<int> pending_broadcasts_{0};
   std::atomic<uint64_t> posts_{0};  // bumped by callers before they check sleeping_

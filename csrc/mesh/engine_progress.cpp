@@ -101,6 +101,25 @@ void Engine::progress_loop() {
       std::this_thread::yield();  // a caller wants the worker: let it post first
       continue;
     }
+    // A host wait that spins drives the worker itself: step aside (no second core burnt
+    // on the same worker, no lock ping-pong) unless stream-ordered puts wait for posting.
+    if (spinning_waiters_.load() > 0 && pending_broadcasts_.load() == 0 && stream_puts_pending_.load() == 0) {
+      sleep_us(20);
+      const int64_t t = now_ns();
+      if (t - last_liveness > liveness_ns) {
+        check_liveness();
+        last_liveness = t;
+      }
+      if (n_stream_waits_.load() > 0 && t - last_watch_ns_ > 1000000) {
+        last_watch_ns_ = t;
+        watch_stream_waits(t);
+      }
+      if (n_flag_watches_.load() > 0 && t - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
+        last_flag_watch_ns_ = t;
+        watch_flag_waits(t);
+      }
+      continue;
+    }
     {
       UcxLock lock(*this);
       for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) active = true;
@@ -183,6 +202,7 @@ bool Engine::drain_stream_puts() {
     if (!done) return true;  // FIFO: later puts stay behind this one
     StreamPut sp = std::move(head);
     stream_puts_.pop_front();
+    stream_puts_pending_.store(static_cast<int>(stream_puts_.size()));
     lock.unlock();
     gpu::destroy_event(sp.event);
     try {
