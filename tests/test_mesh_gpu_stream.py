@@ -193,13 +193,13 @@ def _graph(ctx: RankContext) -> int:
         if ch.is_attention:
             ch.send(0, 1, (u, s))  # one eager round trip on the capture stream first
             ch.recv(0, 1)
-            with torch.cuda.graph(g, stream=side):
+            with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
                 ch.send(1, 1, (u, s))
                 y = ch.recv(1, 1)
         else:
             b = ch.recv_batch_device(0, 1)
             ch.send_back(0, 1, _ffn_result(b.tensors[0], b.tensors[1], 0))
-            with torch.cuda.graph(g, stream=side):
+            with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
                 b = ch.recv_batch_device(1, 1)
                 ch.send_back(1, 1, _ffn_result(b.tensors[0], b.tensors[1], 0))
     torch.cuda.synchronize()
