@@ -5,10 +5,15 @@ round trip of one Step-3 microbatch (128 tokens x 7168: 896 KiB FP8 out, 1.75 Mi
 BF16 back) through the AFD channel, 1A1F and 2A2F.
 
     python3 bench/bench_mesh.py --transports shm tcp --out mesh.json
-    python3 bench/bench_mesh.py --gpu --out mesh_gpu.json     # 2 GPUs: ipc + UCX cuda_ipc + NCCL
+    python3 bench/bench_mesh.py --gpu --out mesh_gpu.json     # 2 GPUs (2A2F: 4): ipc + UCX cuda_ipc + NCCL
 
-Latency is half the ping-pong round trip of put + signal (ours) or of ucp_put_lat
-(perftest); bandwidth is a stream of puts of one size ended by one acknowledgement.
+Latency is half the ping-pong round trip of put + fenced signal (ours) or of
+ucp_put_lat (perftest). Bandwidth: a stream of puts of one size ended by one signal
+and its acknowledgement (perftest's put_bw streams puts too). On CPUs the mesh loop
+runs in C++ (Engine.bench_pingpong), like perftest; on GPUs every iteration is queued
+on the stream first and timed with CUDA events, for the mesh and NCCL alike. The Step-3
+round trip on GPUs runs the stream-ordered channel (recv views, fixed-slot send_back),
+and a profiled run lists any kernel the transport launched (there should be none).
 """
 
 from __future__ import annotations
@@ -55,7 +60,6 @@ def _open_mesh(ctx: RankContext, mesh_id: str, ipc: bool):
     return m, dev
 
 
-
 def _mesh_core(ctx: RankContext) -> dict:
     a = ctx.args
     m, dev = _open_mesh(ctx, "bench", ipc=a["ipc"])
@@ -67,86 +71,158 @@ def _mesh_core(ctx: RankContext) -> dict:
     e, peer = m.engine, 1 - ctx.rank
     rb, rs = m.remote(peer, "buf").handle, m.remote(peer, "sig").handle
     sig_ptr = m.local("sig").data_ptr()
-    stream = torch.cuda.current_stream().cuda_stream if a["gpu"] else 0
-    cuda = a["gpu"]
-    seq, out = 0, {}
-
-    def wait(v: int) -> None:
-        if cuda:
-            # The progress thread's watchdog releases the stream after 60 s; check() then
-            # raises MeshTimeout naming the wait instead of the rank hanging in synchronize().
-            e.wait_stream(sig_ptr, v, stream, 60.0, peer, f"bench signal {v}")
-            torch.cuda.current_stream().synchronize()
-            m.check(peer)
-        else:
-            e.wait(sig_ptr, v, 60.0, peer)
-
+    out: dict[Any, Any] = {}
+    seq = 0
     for size in a["sizes"]:
         n = _iters(size, a["scale"])
-        lat = []
-        for i in range(n + 10):
-            seq += 1
-            t0 = time.perf_counter()
-            if ctx.rank == 0:
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
-                wait(seq)
-            else:
-                wait(seq)
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
-            if i >= 10:
-                lat.append((time.perf_counter() - t0) / 2)
-        # Bandwidth: a stream of puts, then one acknowledgement from the receiver.
-        nb = max(10, n // 2)
-        t0 = time.perf_counter()
-        if ctx.rank == 0:
-            for _ in range(nb):
-                seq += 1
-                e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
-            seq += 1
-            wait(seq)
+        if a["gpu"]:
+            lat, bw, seq = _gpu_pingpong(m, ctx.rank, peer, src, rb, rs, sig_ptr, size, n, seq)
         else:
-            seq += nb
-            wait(seq)
-            seq += 1
-            e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream, ordered=cuda)
-        bw = size * nb / (time.perf_counter() - t0) / 1e6
-        out[size] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6, "bw_MBps": bw}
+            # The C++ loop of the engine (put + fenced signal, host wait): no Python per
+            # message, like ucx_perftest. A Python loop adds ~1 us per call on top.
+            lat_ns, bw_s, seq = e.bench_pingpong(ctx.rank == 0, peer, src.data_ptr(), rb, rs, sig_ptr, size, n + 10,
+                                                 max(10, n // 2), seq)
+            lat = [x / 1e3 for x in lat_ns[10:]]
+            bw = size * max(10, n // 2) / bw_s / 1e6
+        out[size] = {"p50_us": _pct(lat, 0.5), "p99_us": _pct(lat, 0.99), "bw_MBps": bw}
     out["backend"] = m.remote(peer, "buf").backend
     out["stats"] = e.stats()
     m.close()
     return out
 
 
+def _hold_stream(iters: int) -> None:
+    """Keeps the GPU busy while the host queues ``iters`` iterations, so the timed loop
+    measures the transport and not how fast Python enqueues (a ~20 us-per-iteration budget)."""
+    torch.cuda._sleep(int(min(iters * 20e-6, 0.5) * 2e9))
+
+
+def _gpu_pingpong(m, rank: int, peer: int, src, rb: int, rs: int, sig_ptr: int, size: int, n: int,
+                  seq: int) -> tuple[list[float], float, int]:
+    """Stream-ordered ping-pong: everything is queued first, timed by CUDA events on
+    rank 0's stream (one per round trip); then a stream of puts ended by one signal."""
+    e = m.engine
+    stream = torch.cuda.current_stream().cuda_stream
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(n + 1)]
+    _hold_stream(2 * n)
+    events[0].record()
+    for i in range(n):
+        seq += 1
+        if rank == 0:
+            e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=True)
+            e.wait_stream(sig_ptr, seq, stream, 60.0, peer, f"bench reply {seq}")
+        else:
+            e.wait_stream(sig_ptr, seq, stream, 60.0, peer, f"bench request {seq}")
+            e.put(src.data_ptr(), size, peer, rb, 0, rs, 0, seq, stream, ordered=True)
+        events[i + 1].record()
+    torch.cuda.synchronize()
+    m.check(peer)  # a watchdog release would make the numbers meaningless
+    lat = [events[i].elapsed_time(events[i + 1]) * 1e3 / 2 for i in range(min(10, n - 1), n)]
+    nb = max(10, n // 2)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    _hold_stream(nb)
+    start.record()
+    if rank == 0:
+        for _ in range(nb):
+            e.put(src.data_ptr(), size, peer, rb, 0, -1, 0, 0, stream, ordered=True)
+        seq += 1
+        e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream, ordered=True)
+        seq += 1
+        e.wait_stream(sig_ptr, seq, stream, 60.0, peer, "bandwidth acknowledgement")
+    else:
+        seq += 1
+        e.wait_stream(sig_ptr, seq, stream, 60.0, peer, "end of the bandwidth stream")
+        seq += 1
+        e.put(src.data_ptr(), 0, peer, rb, 0, rs, 0, seq, stream, ordered=True)
+    end.record()
+    torch.cuda.synchronize()
+    m.check(peer)
+    bw = size * nb / (start.elapsed_time(end) * 1e-3) / 1e6
+    return lat, bw, seq
+
+
 # ---- afdkit.mesh, the Step-3 microbatch through the AFD channel ------------------------------
 
 
-def _step3(ctx: RankContext) -> dict:
+def _step3_channel(ctx: RankContext, mesh_id: str):
     from afdkit.mesh import AfdChannel, ChannelConfig, TensorSpec
 
-    a = ctx.args
-    m, dev = _open_mesh(ctx, "step3", ipc=True)
+    m, dev = _open_mesh(ctx, mesh_id, ipc=True)
     m.connect(ctx.store(), b"bench-secret")
     send = (TensorSpec("u", (STEP3_HIDDEN,), torch.float8_e4m3fn),)
     recv = (TensorSpec("y", (STEP3_HIDDEN,), torch.bfloat16),)
     ch = AfdChannel(m, ChannelConfig(max_tokens=STEP3_TOKENS, send=send, recv=recv, num_microbatches=3,
                                      device=str(dev)))
+    return m, ch, dev
+
+
+def _step3(ctx: RankContext) -> dict:
+    """A->F->A round trips of one microbatch. CPU: the host protocol, timed per round trip
+    on the host. GPU: the stream-ordered protocol, all round trips queued first and timed
+    by CUDA events on attention rank 0's stream (recv views, send_back of fixed slots:
+    nothing but copy engines and stream memory operations)."""
+    a = ctx.args
+    m, ch, dev = _step3_channel(ctx, "step3")
     u = torch.zeros(STEP3_TOKENS, STEP3_HIDDEN, dtype=torch.float8_e4m3fn, device=dev)
-    y = torch.zeros(STEP3_TOKENS * len(ch.att), STEP3_HIDDEN, dtype=torch.bfloat16, device=dev)
-    rtt = []
-    for layer in range(a["iters"] + 5):
-        t0 = time.perf_counter()
-        if ch.is_attention:
-            ch.send(layer, 0, u)
-            ch.recv(layer, 0, reduce=None)
-        else:
-            b = ch.recv_batch(layer, 0)
-            ch.send_back(layer, 0, y[: b.num_rows])
-        if a["gpu"]:
-            torch.cuda.synchronize()
-        if layer >= 5:
-            rtt.append(time.perf_counter() - t0)
+    n, warm = a["iters"], 5
+    rtt: list[float] = []
+    if a["gpu"]:
+        y = torch.zeros(len(ch.att), STEP3_TOKENS, STEP3_HIDDEN, dtype=torch.bfloat16, device=dev)
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + warm + 1)]
+        _hold_stream(n + warm)
+        events[0].record()
+        for layer in range(n + warm):
+            if ch.is_attention:
+                ch.send(layer, 0, u)
+                ch.recv(layer, 0, reduce="views")
+            else:
+                ch.recv_batch_device(layer, 0)
+                ch.send_back(layer, 0, y)
+            events[layer + 1].record()
+        torch.cuda.synchronize()
+        m.check()
+        rtt = [events[i].elapsed_time(events[i + 1]) * 1e-3 for i in range(warm, n + warm)]
+    else:
+        y = torch.zeros(STEP3_TOKENS * len(ch.att), STEP3_HIDDEN, dtype=torch.bfloat16, device=dev)
+        for layer in range(n + warm):
+            t0 = time.perf_counter()
+            if ch.is_attention:
+                ch.send(layer, 0, u)
+                ch.recv(layer, 0, reduce=None)
+            else:
+                b = ch.recv_batch(layer, 0)
+                ch.send_back(layer, 0, y[: b.num_rows])
+            if layer >= warm:
+                rtt.append(time.perf_counter() - t0)
+    out = {"p50_us": _pct(rtt, 0.5) * 1e6, "p99_us": _pct(rtt, 0.99) * 1e6,
+           "graph_safe": getattr(ch, "graph_safe", False)}
     m.close()
-    return {"p50_us": _pct(rtt, 0.5) * 1e6, "p99_us": _pct(rtt, 0.99) * 1e6}
+    return out
+
+
+def _step3_profile(ctx: RankContext) -> dict:
+    """Round trips under the torch profiler: the transport must launch no kernel."""
+    from torch.profiler import ProfilerActivity, profile
+
+    m, ch, dev = _step3_channel(ctx, "step3-profile")
+    u = torch.zeros(STEP3_TOKENS, STEP3_HIDDEN, dtype=torch.float8_e4m3fn, device=dev)
+    y = torch.zeros(len(ch.att), STEP3_TOKENS, STEP3_HIDDEN, dtype=torch.bfloat16, device=dev)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for layer in range(8):
+            if ch.is_attention:
+                ch.send(layer, 0, u)
+                ch.recv(layer, 0, reduce="views")
+            else:
+                ch.recv_batch_device(layer, 0)
+                ch.send_back(layer, 0, y)
+        torch.cuda.synchronize()
+    m.check()
+    cuda_events = [ev for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sorted({ev.name for ev in cuda_events if not ev.name.lower().startswith(("memcpy", "memset"))})
+    copies = sum(1 for ev in cuda_events if ev.name.lower().startswith("memcpy"))
+    m.close()
+    return {"kernels": kernels, "copies": copies}
 
 
 # ---- ucx_perftest ------------------------------------------------------------------------------
@@ -212,29 +288,55 @@ def _perftests(env: dict[str, str], mem: str, scale: float, sizes: list[int]) ->
 
 
 def _nccl(ctx: RankContext) -> dict:
+    """NCCL send/recv, timed like the mesh on GPUs: all iterations queued first, CUDA
+    events on rank 0's stream per round trip. Also the Step-3 round trip (1A1F)."""
     import torch.distributed as dist
 
     torch.cuda.set_device(ctx.rank)
     dist.init_process_group("nccl", store=ctx.store(), rank=ctx.rank, world_size=2)
     peer, out = 1 - ctx.rank, {}
+    warm = 10
+
+    def timed(n: int, body) -> list[float]:
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(n + warm + 1)]
+        _hold_stream(n + warm)
+        events[0].record()
+        for i in range(n + warm):
+            body()
+            events[i + 1].record()
+        torch.cuda.synchronize()
+        return [events[i].elapsed_time(events[i + 1]) * 1e3 for i in range(warm, n + warm)]
+
     for size in ctx.args["sizes"]:
         x = torch.zeros(size, dtype=torch.uint8, device="cuda")
         n = _iters(size, ctx.args["scale"])
-        lat = []
-        for i in range(n + 10):
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
+
+        def pingpong() -> None:
             if ctx.rank == 0:
                 dist.send(x, peer)
                 dist.recv(x, peer)
             else:
                 dist.recv(x, peer)
                 dist.send(x, peer)
-            torch.cuda.synchronize()
-            if i >= 10:
-                lat.append((time.perf_counter() - t0) / 2)
-        out[size] = {"p50_us": _pct(lat, 0.5) * 1e6, "p99_us": _pct(lat, 0.99) * 1e6,
-                     "bw_MBps": size / _pct(lat, 0.5) / 1e6}
+
+        dist.barrier()
+        rtt = timed(n, pingpong)
+        lat = [t / 2 for t in rtt]
+        out[size] = {"p50_us": _pct(lat, 0.5), "p99_us": _pct(lat, 0.99), "bw_MBps": size / _pct(lat, 0.5)}
+    u = torch.zeros(STEP3_TOKENS * STEP3_HIDDEN, dtype=torch.uint8, device="cuda")
+    y = torch.zeros(STEP3_TOKENS * STEP3_HIDDEN, dtype=torch.bfloat16, device="cuda")
+
+    def step3() -> None:
+        if ctx.rank == 0:
+            dist.send(u, peer)
+            dist.recv(y, peer)
+        else:
+            dist.recv(u, peer)
+            dist.send(y, peer)
+
+    dist.barrier()
+    rtt = timed(ctx.args["iters"], step3)
+    out["step3_1A1F"] = {"p50_us": _pct(rtt, 0.5), "p99_us": _pct(rtt, 0.99)}
     dist.destroy_process_group()
     return out
 
@@ -268,11 +370,12 @@ def _table(name: str, mesh: dict, ref: dict, ref_name: str) -> str:
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--transports", nargs="+", default=["shm", "tcp"], choices=sorted(UCX_ENVS))
-    p.add_argument("--gpu", action="store_true", help="GPU buffers on 2 GPUs: ipc, UCX cuda_ipc and NCCL")
+    p.add_argument("--gpu", action="store_true", help="GPU buffers: ipc, UCX cuda_ipc and NCCL (2 GPUs; 2A2F: 4)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the iteration counts")
     p.add_argument("--spin-us", type=int, default=200, help="MeshConfig.spin_us of the benchmarked ranks")
     p.add_argument("--step3-iters", type=int, default=200)
     p.add_argument("--no-perftest", action="store_true")
+    p.add_argument("--no-nccl", action="store_true")
     p.add_argument("--out", help="write all numbers as JSON here")
     args = p.parse_args(argv)
     results: dict[str, Any] = {"sizes": SIZES}
@@ -282,10 +385,15 @@ def main(argv: list[str]) -> int:
         results["environment"] = environment()
     except ImportError:
         pass
+    results["environment_note"] = f"{os.cpu_count()} CPU cores visible; ranks, progress threads and perftest share them"
+    gpus = torch.cuda.device_count() if args.gpu else 0
+    if args.gpu and gpus < 2:
+        print("--gpu needs 2 GPUs of one host", file=sys.stderr)
+        return 2
     base = {"sizes": SIZES, "scale": args.scale, "spin_us": args.spin_us, "gpu": args.gpu}
     runs = [("gpu-ipc", {}, True), ("gpu-ucx", GPU_UCX_ENV, False)] if args.gpu else \
            [(t, UCX_ENVS[t], False) for t in args.transports]
-    tables = []
+    tables, step3_rows = [], []
     for name, env, ipc in runs:
         mesh = check_all_ok(run_ranks(_mesh_core, ["attention", "ffn"], args={**base, "ipc": ipc}, env=env,
                                       timeout_s=600))[0]
@@ -293,17 +401,31 @@ def main(argv: list[str]) -> int:
         results[name] = {"mesh": mesh, "ucx_perftest": ref}
         tables.append(_table(name, mesh, ref, "perftest"))
         for topo, roles in (("1A1F", ["attention", "ffn"]), ("2A2F", ["attention", "attention", "ffn", "ffn"])):
-            if args.gpu and torch.cuda.device_count() < len(roles):
+            if args.gpu and gpus < len(roles):
+                step3_rows.append(f"{name:>8} {topo}: skipped ({gpus} GPUs, needs {len(roles)})")
                 continue
             iters = args.step3_iters if topo == "1A1F" else max(20, args.step3_iters // 4)
-            r = check_all_ok(run_ranks(_step3, roles, args={**base, "iters": iters}, env=env, timeout_s=600))
+            r = check_all_ok(run_ranks(_step3, roles, args={**base, "ipc": ipc, "iters": iters}, env=env,
+                                       timeout_s=600))
             results[name][f"step3_{topo}"] = r[0]
-            tables.append(f"   Step-3 microbatch A->F->A {topo}: p50 {r[0]['p50_us']:.1f} us, "
-                          f"p99 {r[0]['p99_us']:.1f} us")
-    if args.gpu and torch.cuda.device_count() >= 2:
-        nccl = check_all_ok(run_ranks(_nccl, ["attention", "ffn"], args=base, timeout_s=600))[0]
-        results["nccl"] = nccl
-        tables.append(_table("gpu-ipc", results["gpu-ipc"]["mesh"], nccl, "nccl"))
+            step3_rows.append(f"{name:>8} {topo}: p50 {r[0]['p50_us']:8.1f} us  p99 {r[0]['p99_us']:8.1f} us"
+                              + ("  (graph-capturable)" if r[0].get("graph_safe") else ""))
+    if args.gpu:
+        prof = check_all_ok(run_ranks(_step3_profile, ["attention", "ffn"], args={**base, "ipc": True},
+                                      timeout_s=600))
+        results["profile_1A1F"] = prof
+        kernels = sorted({k for r in prof for k in r["kernels"]})
+        step3_rows.append(f"profiler, 8 round trips 1A1F: {sum(r['copies'] for r in prof)} copies, "
+                          f"kernels launched by the transport: {kernels if kernels else 'none'}")
+        if not args.no_nccl:
+            nccl = check_all_ok(run_ranks(_nccl, ["attention", "ffn"], args={**base, "iters": args.step3_iters},
+                                          timeout_s=600))[0]
+            results["nccl"] = nccl
+            tables.append(_table("gpu-ipc", results["gpu-ipc"]["mesh"], nccl, "nccl"))
+            s3 = nccl["step3_1A1F"]
+            step3_rows.append(f"{'nccl':>8} 1A1F: p50 {s3['p50_us']:8.1f} us  p99 {s3['p99_us']:8.1f} us")
+    tables.append("== Step-3 microbatch A->F->A (128 x 7168: 896 KB FP8 out, 1.75 MB BF16 back) ==\n"
+                  + "\n".join(step3_rows))
     print("\n\n".join(tables))
     if args.out:
         import json

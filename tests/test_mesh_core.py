@@ -151,3 +151,46 @@ def test_dead_peer_raises(transport: str) -> None:
     assert out["type"] in ("MeshPeerLost", "MeshTimeout"), out
     assert out["after_s"] < timeout_s + 1.0, out
     assert "rank 1" in out["msg"], out
+
+
+def _bulk_then_signal(ctx: RankContext) -> int:
+    """Several large puts without a signal, then a signal-only put (and the fused
+    put_message): the signal must never overtake the data (it did on shm, unfenced)."""
+    m = _mesh(ctx, timeout_s=30.0)
+    src = m.alloc("src", 1 << 20)
+    buf = m.alloc("buf", 1 << 20)
+    m.alloc("sig", 64)
+    m.connect(ctx.store(), b"core-secret")
+    peer, seq, checked = 1 - ctx.rank, 0, 0
+    e = m.engine
+    rb, rs = m.remote(peer, "buf").handle, m.remote(peer, "sig").handle
+    for size in (256 << 10, 1 << 20):
+        for i in range(12):
+            seq += 1
+            value = seq % 251
+            if ctx.rank == 0:
+                src[:size].fill_(value)
+                if i % 2:
+                    for _ in range(3):
+                        m.put(src, peer, "buf", nbytes=size)
+                    m.put(src, peer, "buf", nbytes=0, signal=("sig", 0, seq))
+                else:  # two segments and a header word in one call
+                    half = size // 2
+                    e.put_message(peer, rb, [(src.data_ptr(), half, 0), (src.data_ptr() + half, size - half - 8, half)],
+                                  [(size - 8, value * 0x0101010101010101)], rs, 0, seq)
+                m.wait("sig", 0, seq, peer=peer)  # the acknowledgement: src may change again
+            else:
+                m.wait("sig", 0, seq, peer=peer)
+                assert bool((buf[:size] == value).all()), f"{size} B message {i}: stale data after the signal"
+                checked += 1
+                m.put(src, peer, "buf", nbytes=0, signal=("sig", 0, seq))
+    m.flush()
+    m.close()
+    return checked
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_signal_never_overtakes_bulk_puts(transport: str) -> None:
+    vals = check_all_ok(run_ranks(_bulk_then_signal, ["attention", "ffn"], env=UCX_ENVS[transport], timeout_s=80))
+    assert vals[1] == 24

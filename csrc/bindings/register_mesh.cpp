@@ -6,6 +6,8 @@
 #include <map>
 #include <memory>
 #include <optional>
+#include <tuple>
+#include <vector>
 
 #include "bindings/dlpack_capsule.h"
 #include "bindings/registry.h"
@@ -95,6 +97,84 @@ void put(Engine& e, std::uintptr_t src, size_t nbytes, int peer, int region, siz
   e.put(op);
 }
 
+// The AFD channel's message: segments (src, nbytes, offset), header words (offset,
+// value) and a signal, optionally behind a credit flag, in one call.
+void put_message(Engine& e, int peer, int region, const std::vector<std::tuple<std::uintptr_t, size_t, size_t>>& segments,
+                 const std::vector<std::pair<size_t, uint64_t>>& words, int sig_region, size_t sig_offset,
+                 uint64_t sig_value, std::uintptr_t stream, bool ordered, uint64_t tag, int credit_watch,
+                 int credit_index, uint64_t credit_layer) {
+  mesh::MessageOp op;
+  op.peer = peer;
+  op.region = region;
+  op.segments.reserve(segments.size());
+  for (const auto& [src, nbytes, offset] : segments)
+    op.segments.push_back(mesh::Segment{reinterpret_cast<const void*>(src), nbytes, offset});
+  op.words = words;
+  op.sig_region = sig_region;
+  op.sig_offset = sig_offset;
+  op.sig_value = sig_value;
+  op.stream = stream;
+  op.ordered = ordered;
+  op.tag = tag;
+  op.credit_watch = credit_watch;
+  op.credit_index = credit_index;
+  op.credit_layer = credit_layer;
+  e.put_message(op);
+}
+
+// Ping-pong of put + signal between two ranks on host memory, timed in C++ so that the
+// numbers are the transport's, comparable with ucx_perftest (no Python per message).
+// Latency: the initiator puts, the responder waits then puts back; half a round trip
+// per iteration. Bandwidth: `bw_iters` puts without signals, then one fenced signal;
+// the responder acknowledges it (perftest's put_bw also streams puts and completes once).
+py::tuple bench_pingpong(Engine& e, bool initiator, int peer, std::uintptr_t src, int region, int sig_region,
+                         std::uintptr_t sig_word, size_t size, int iters, int bw_iters, uint64_t seq,
+                         double timeout_s) {
+  std::vector<int64_t> lat;
+  lat.reserve(iters);
+  auto* word = reinterpret_cast<const uint64_t*>(sig_word);
+  mesh::PutOp op;
+  op.src = reinterpret_cast<const void*>(src);
+  op.nbytes = size;
+  op.peer = peer;
+  op.region = region;
+  op.sig_region = sig_region;
+  double bw_s = 0;
+  {
+    py::gil_scoped_release nogil;
+    for (int i = 0; i < iters; ++i) {
+      const int64_t t0 = mesh::now_ns();
+      op.sig_value = ++seq;
+      if (initiator) {
+        e.put(op);
+        e.wait(word, MemKind::kHost, seq, timeout_s, peer, "a ping-pong reply");
+      } else {
+        e.wait(word, MemKind::kHost, seq, timeout_s, peer, "a ping-pong request");
+        e.put(op);
+      }
+      lat.push_back((mesh::now_ns() - t0) / 2);
+    }
+    const int64_t t0 = mesh::now_ns();
+    if (initiator) {
+      mesh::PutOp data = op;
+      data.sig_region = -1;
+      for (int i = 0; i < bw_iters; ++i) e.put(data);
+      op.nbytes = 0;
+      op.sig_value = ++seq;
+      e.put(op);  // fenced behind the stream
+      e.wait(word, MemKind::kHost, ++seq, timeout_s, peer, "the bandwidth acknowledgement");
+    } else {
+      e.wait(word, MemKind::kHost, ++seq, timeout_s, peer, "the end of the bandwidth stream");
+      op.nbytes = 0;
+      op.sig_value = ++seq;
+      e.put(op);
+    }
+    bw_s = (mesh::now_ns() - t0) * 1e-9;
+    e.flush(timeout_s);
+  }
+  return py::make_tuple(lat, bw_s, seq);
+}
+
 void register_exceptions(py::module_& sub) {
   static py::exception<mesh::MeshError> base(sub, "MeshError", PyExc_RuntimeError);
   static py::exception<mesh::MeshTimeout> timeout(sub, "MeshTimeout", base.ptr());
@@ -165,6 +245,29 @@ void register_mesh(py::module_& m) {
            "One-sided write of nbytes at src into the peer's region at offset, then (fenced) the 8-byte "
            "signal sig_value at sig_offset of region sig_region. Returns once posted; flush() for completion. "
            "ordered (default: stream != 0) orders it after the work queued on stream (0: the legacy default stream).")
+      .def("put_message", &put_message, py::arg("peer"), py::arg("region"), py::arg("segments"),
+           py::arg("words") = std::vector<std::pair<size_t, uint64_t>>{}, py::arg("sig_region") = -1,
+           py::arg("sig_offset") = 0, py::arg("sig_value") = 0, py::arg("stream") = 0, py::arg("ordered") = false,
+           py::arg("tag") = 0, py::arg("credit_watch") = -1, py::arg("credit_index") = 0,
+           py::arg("credit_layer") = 0,
+           "put() of several (src, nbytes, offset) segments into one region, then 8-byte header words "
+           "(offset, value) into it, then the fenced signal; with credit_watch >= 0 the stream first waits for "
+           "that flag (wait_flag). Every bound is checked before anything moves.")
+      .def("watch_flags",
+           [](Engine& e, std::uintptr_t flags, int n, const std::vector<int>& peers,
+              const std::vector<std::string>& labels, double timeout_s) {
+             return e.watch_flags(reinterpret_cast<uint64_t*>(flags), n, peers, labels, timeout_s);
+           },
+           py::arg("flags"), py::arg("n"), py::arg("peers"), py::arg("labels"), py::arg("timeout_s"),
+           "Registers n flag words (device memory) with the watchdog; returns the watch id.")
+      .def("unwatch_flags", &Engine::unwatch_flags, py::arg("id"))
+      .def("wait_flag", &Engine::wait_flag, py::arg("watch"), py::arg("index"), py::arg("layer"), py::arg("stream"),
+           "Stream-ordered: the stream waits for flag `index` >= 1 and resets it to 0 (graph-capturable).")
+      .def("bench_pingpong", &bench_pingpong, py::arg("initiator"), py::arg("peer"), py::arg("src"),
+           py::arg("region"), py::arg("sig_region"), py::arg("sig_word"), py::arg("size"), py::arg("iters"),
+           py::arg("bw_iters"), py::arg("seq"), py::arg("timeout_s") = 60.0,
+           "Host-memory ping-pong of put + signal from a C++ loop (benchmarks): returns (one-way latencies in "
+           "ns, bandwidth seconds, next seq).")
       .def("wait",
            [](Engine& e, std::uintptr_t word, uint64_t value, double timeout_s, int peer, const std::string& what,
               uint64_t tag, bool cuda) {

@@ -128,6 +128,7 @@ Engine::~Engine() {
   for (auto& r : regions_) {
     if (r.memh) ucp_mem_unmap(context_, r.memh);
   }
+  for (auto& w : flag_watches_) gpu::free_mapped_words(w.armed);
   if (context_) ucp_cleanup(context_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
   if (epoll_fd_ >= 0) ::close(epoll_fd_);
@@ -314,23 +315,50 @@ const RemoteRegion& Engine::remote_ref(Peer& p, int region, size_t offset, size_
 }
 
 void Engine::put(const PutOp& op) {
+  MessageOp m;
+  m.peer = op.peer;
+  m.region = op.region;
+  m.segments.push_back(Segment{op.src, op.nbytes, op.offset});
+  m.sig_region = op.sig_region;
+  m.sig_offset = op.sig_offset;
+  m.sig_value = op.sig_value;
+  m.stream = op.stream;
+  m.ordered = op.ordered;
+  m.tag = op.tag;
+  m.best_effort = op.best_effort;
+  put_message(m);
+}
+
+void Engine::put_message(const MessageOp& op) {
   if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh.put: the mesh of rank ", opt_.rank, " is closed");
   Peer& p = peer_ref(op.peer);
-  const RemoteRegion& r = remote_ref(p, op.region, op.offset, op.nbytes, "data");
+  // Every bound is checked before anything moves.
+  const RemoteRegion* r = nullptr;
+  if (!op.segments.empty() || !op.words.empty()) {
+    for (const auto& seg : op.segments) r = &remote_ref(p, op.region, seg.offset, seg.nbytes, "data");
+    for (const auto& w : op.words) {
+      r = &remote_ref(p, op.region, w.first, 8, "header word");
+      if (w.first % 8 != 0) AFDKIT_THROW(ValueError, "afdkit.mesh.put: header words must be 8-byte aligned");
+    }
+  }
   const RemoteRegion* s = nullptr;
   if (op.sig_region >= 0) {
     s = &remote_ref(p, op.sig_region, op.sig_offset, 8, "signal");
     if (op.sig_offset % 8 != 0) AFDKIT_THROW(ValueError, "afdkit.mesh.put: signal offset must be 8-byte aligned");
   }
+  if (op.credit_watch >= 0) {
+    const FlagWatch& w = watch_ref(op.credit_watch);
+    if (op.credit_index < 0 || op.credit_index >= w.n)
+      AFDKIT_THROW(ValueError, "afdkit.mesh.put: credit flag ", op.credit_index, " outside the watch of ", w.n);
+    if (!op.ordered) AFDKIT_THROW(ValueError, "afdkit.mesh.put: a credit flag needs a stream-ordered put");
+  }
   if (op.best_effort && peer_state(op.peer) != 0) return;
   check_health(op.peer, "put");
-  tracer_.record(op.tag, op.peer, TraceKind::kEnqueue, op.nbytes);
-  if (op.ordered && r.ipc_ptr && (!s || s->ipc_ptr)) {
-    // Same-host GPUs: a copy engine moves the data, the stream writes the signal.
-    auto stream = reinterpret_cast<cudaStream_t>(op.stream);
-    if (op.nbytes) gpu::copy_async(r.ipc_ptr + op.offset, op.src, op.nbytes, stream);
-    tracer_.record(op.tag, op.peer, TraceKind::kPosted, op.nbytes);
-    if (s) gpu::write_value(stream, reinterpret_cast<uint64_t*>(s->ipc_ptr + op.sig_offset), op.sig_value);
+  const size_t nbytes = op.total_bytes();
+  tracer_.record(op.tag, op.peer, TraceKind::kEnqueue, nbytes);
+  if (op.credit_watch >= 0) wait_flag(op.credit_watch, op.credit_index, op.credit_layer, op.stream);
+  if (op.ordered && (!r || r->ipc_ptr) && (!s || s->ipc_ptr) && (r || s)) {
+    post_ipc(op, p);  // same-host GPUs: copy engines move the data, the stream writes the words
     return;
   }
   if (op.ordered) {
@@ -338,7 +366,8 @@ void Engine::put(const PutOp& op) {
     StreamPut sp{gpu::record_event(reinterpret_cast<cudaStream_t>(op.stream)), op, gpu::current_device()};
     {
       std::lock_guard<std::mutex> lock(stream_mu_);
-      stream_puts_.push_back(sp);
+      stream_puts_.push_back(std::move(sp));
+      stream_puts_pending_.store(static_cast<int>(stream_puts_.size()));
     }
     wake();
     return;
@@ -356,6 +385,25 @@ void Engine::put(const PutOp& op) {
     check_health(op.peer, "put");
     throw;
   }
+}
+
+void Engine::post_ipc(const MessageOp& op, Peer& p) {
+  auto stream = reinterpret_cast<cudaStream_t>(op.stream);
+  size_t nbytes = 0;
+  if (!op.segments.empty() || !op.words.empty()) {
+    char* base = p.regions[op.region].ipc_ptr;
+    for (const auto& seg : op.segments) {
+      if (seg.nbytes) gpu::copy_async(base + seg.offset, seg.src, seg.nbytes, stream);
+      nbytes += seg.nbytes;
+    }
+    // Stream writes follow the copies in stream order; the signal's fence publishes both.
+    for (const auto& w : op.words)
+      gpu::write_value_raw(stream, reinterpret_cast<uint64_t*>(base + w.first), w.second, false);
+  }
+  tracer_.record(op.tag, op.peer, TraceKind::kPosted, nbytes);
+  if (op.sig_region >= 0)
+    gpu::write_value_raw(stream, reinterpret_cast<uint64_t*>(p.regions[op.sig_region].ipc_ptr + op.sig_offset),
+                         op.sig_value, true);
 }
 
 int Engine::lost_count() const {
@@ -400,23 +448,28 @@ void Engine::post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uin
   }
 }
 
-void Engine::post_ucx_locked(const PutOp& op) {
+void Engine::post_ucx_locked(const MessageOp& op) {
   Peer& p = *peers_[op.peer];
   bool in_flight = false;
-  if (op.nbytes) {
+  const size_t total = op.total_bytes();
+  for (const auto& seg : op.segments) {
+    if (!seg.nbytes) continue;
     const RemoteRegion& r = p.regions[op.region];
-    auto* ctx = new OpCtx{this, op.tag, op.peer, op.nbytes, 0, tracer_.enabled()};
-    in_flight = issue(p.ep, op.src, op.nbytes, r.addr + op.offset, r.rkey, ctx, outstanding_, p.label);
-    if (!in_flight) {
-      if (ctx->traced) tracer_.record(op.tag, op.peer, TraceKind::kCompleted, op.nbytes);
+    auto* ctx = new OpCtx{this, op.tag, op.peer, seg.nbytes, 0, tracer_.enabled()};
+    const bool pending = issue(p.ep, seg.src, seg.nbytes, r.addr + seg.offset, r.rkey, ctx, outstanding_, p.label);
+    if (!pending) {
+      if (ctx->traced) tracer_.record(op.tag, op.peer, TraceKind::kCompleted, seg.nbytes);
       delete ctx;
     }
+    in_flight |= pending;
   }
+  for (const auto& w : op.words) post_word_locked(p, p.regions[op.region], w.first, w.second, 0);
   // Recorded before the signal goes out, so that posted <= delivered across processes.
-  tracer_.record(op.tag, op.peer, TraceKind::kPosted, op.nbytes);
+  tracer_.record(op.tag, op.peer, TraceKind::kPosted, total);
   if (op.sig_region >= 0) {
-    // The fence keeps the signal behind the data on every lane of this endpoint.
-    if (op.nbytes) ucx_check(ucp_worker_fence(worker_), "ucp_worker_fence");
+    // The fence keeps the signal behind the data on every lane of this endpoint -- also
+    // behind puts posted earlier without a signal (a signal-only put ends a bulk stream).
+    ucx_check(ucp_worker_fence(worker_), "ucp_worker_fence");
     post_word_locked(p, p.regions[op.sig_region], op.sig_offset, op.sig_value, op.tag);
   }
   if (in_flight) {

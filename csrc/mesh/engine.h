@@ -71,6 +71,39 @@ struct PutOp {
   bool best_effort = false;  // skip silently when the peer already left (acknowledgements)
 };
 
+// One piece of a message: `nbytes` at `src` into the peer's data region at `offset`.
+struct Segment {
+  const void* src = nullptr;
+  size_t nbytes = 0;
+  size_t offset = 0;
+};
+
+// A whole message in one call: its segments, then 8-byte header words written into the
+// data region (after the segments), then the signal -- the AFD channel's send of one
+// (layer, microbatch) to one peer. With `credit_watch` >= 0 the stream first waits for
+// the flag `credit_index` of that watch (the slot is free; see wait_flag).
+struct MessageOp {
+  int peer = -1;
+  int region = -1;
+  std::vector<Segment> segments;
+  std::vector<std::pair<size_t, uint64_t>> words;  // (offset in `region`, value)
+  int sig_region = -1;  // -1: no signal
+  size_t sig_offset = 0;
+  uint64_t sig_value = 0;
+  uintptr_t stream = 0;
+  bool ordered = false;
+  uint64_t tag = 0;
+  bool best_effort = false;
+  int credit_watch = -1;
+  int credit_index = 0;
+  uint64_t credit_layer = 0;
+  size_t total_bytes() const {
+    size_t n = 0;
+    for (const auto& s : segments) n += s.nbytes;
+    return n;
+  }
+};
+
 struct LocalRegion {
   void* ptr = nullptr;
   size_t nbytes = 0;
@@ -134,6 +167,8 @@ class Engine {
 
   // ---- data path -----------------------------------------------------------
   void put(const PutOp& op);
+  // put() of several segments plus header words and a signal, in one call.
+  void put_message(const MessageOp& op);
   // Waits until every put of this process completed locally (sources reusable).
   void flush(double timeout_s);
   // Host-blocking: returns once *word >= value; raises MeshTimeout / MeshPeerLost.
@@ -147,6 +182,21 @@ class Engine {
   // (or MeshPeerLost) naming what the stream waited for, instead of the GPU hanging.
   void wait_stream(const uint64_t* word, uint64_t value, uintptr_t stream, double timeout_s = 30.0,
                    int peer = -1, const std::string& what = "a stream-ordered signal");
+  // ---- flag protocol (stream-ordered, CUDA-graph-safe; the AFD channel on GPUs) ----
+  // A flag is a word in local device memory that one peer sets to 1 (data landed / slot
+  // free) and this rank's stream resets to 0 after waiting for it. All operations are
+  // constants on the stream (write-value / wait-value), so a captured graph replays them.
+  // watch_flags registers `n` flags for the watchdog and allocates their `armed` words
+  // (mapped host memory): wait_flag writes layer+1 there before waiting and 0 after, so
+  // the progress thread sees, without any per-call registration, which stream waits on
+  // which flag since when; past `timeout_s` (or once a peer is lost) it releases the
+  // stream by storing kFlagReleased and poisons the engine like wait_stream's watchdog.
+  static constexpr uint64_t kFlagReleased = 2;
+  int watch_flags(uint64_t* flags, int n, const std::vector<int>& peers, const std::vector<std::string>& labels,
+                  double timeout_s);
+  void unwatch_flags(int id);
+  // Stream: armed = layer + 1; wait flag >= 1; flag = 0; armed = 0.
+  void wait_flag(int watch, int index, uint64_t layer, uintptr_t stream);
   // A non-blocking read of a signal word (acquire).
   uint64_t load(const uint64_t* word, MemKind kind) const;
 
@@ -189,9 +239,9 @@ class Engine {
    private:
     Engine& e_;
   };
-  struct StreamPut {  // a UCX put that waits for the caller's stream to reach it
+  struct StreamPut {  // a UCX message that waits for the caller's stream to reach it
     cudaEvent_t event;
-    PutOp op;
+    MessageOp op;
     int device;  // the caller's device: the progress thread makes it current to post
   };
   struct StreamWait {  // a pending cuStreamWaitValue64, watched by the progress thread
@@ -203,10 +253,25 @@ class Engine {
     MemKind kind;
     std::string what;
   };
+  struct FlagWatch {
+    uint64_t* flags = nullptr;  // device words
+    uint64_t* armed = nullptr;  // mapped host words (cudaHostAlloc), written by the streams
+    uint64_t* armed_dev = nullptr;  // their device address
+    int n = 0;
+    int device = -1;
+    double timeout_s = 30.0;
+    std::vector<int> peers;
+    std::vector<std::string> labels;
+    std::vector<uint64_t> seen;     // the armed value last seen per flag
+    std::vector<int64_t> since_ns;  // when it was first seen
+  };
   Peer& peer_ref(int rank);
+  FlagWatch& watch_ref(int id);
+  void watch_flag_waits(int64_t now);
   const RemoteRegion& remote_ref(Peer& p, int region, size_t offset, size_t nbytes, const char* what);
   // *_locked: the caller holds the UCX mutex.
-  void post_ucx_locked(const PutOp& op);
+  void post_ucx_locked(const MessageOp& op);
+  void post_ipc(const MessageOp& op, Peer& p);
   void post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag);
   void progress_loop();
   bool drain_stream_puts();
@@ -235,6 +300,7 @@ class Engine {
   std::atomic<int> ucx_waiting_{0};
   std::mutex stream_mu_;
   std::deque<StreamPut> stream_puts_;
+  std::atomic<int> stream_puts_pending_{0};  // stream_puts_.size(), readable without the lock
   std::atomic<int64_t> outstanding_{0};
   std::atomic<int> pending_broadcasts_{0};
   std::atomic<uint64_t> posts_{0};  // bumped by callers before they check sleeping_
@@ -251,6 +317,9 @@ class Engine {
   std::mutex watch_mu_;
   std::vector<StreamWait> stream_waits_;
   std::atomic<int> n_stream_waits_{0};
+  std::deque<FlagWatch> flag_watches_;  // deque: stable while the progress thread reads
+  std::atomic<int> n_flag_watches_{0};
+  int64_t last_flag_watch_ns_ = 0;
   int64_t last_watch_ns_ = 0;
   mutable std::mutex error_mu_;
   std::string stream_timeout_;  // sticky: a stream wait ran past its timeout (MeshTimeout)

@@ -18,6 +18,9 @@
 namespace afdkit::mesh {
 namespace {
 
+constexpr int kFlagWatchPeriodMs = 2;
+constexpr int64_t kFlagWatchPeriodNs = kFlagWatchPeriodMs * 1000000LL;
+
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
   __builtin_ia32_pause();
@@ -98,6 +101,25 @@ void Engine::progress_loop() {
       std::this_thread::yield();  // a caller wants the worker: let it post first
       continue;
     }
+    // A host wait that spins drives the worker itself: step aside (no second core burnt
+    // on the same worker, no lock ping-pong) unless stream-ordered puts wait for posting.
+    if (spinning_waiters_.load() > 0 && pending_broadcasts_.load() == 0 && stream_puts_pending_.load() == 0) {
+      sleep_us(20);
+      const int64_t t = now_ns();
+      if (t - last_liveness > liveness_ns) {
+        check_liveness();
+        last_liveness = t;
+      }
+      if (n_stream_waits_.load() > 0 && t - last_watch_ns_ > 1000000) {
+        last_watch_ns_ = t;
+        watch_stream_waits(t);
+      }
+      if (n_flag_watches_.load() > 0 && t - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
+        last_flag_watch_ns_ = t;
+        watch_flag_waits(t);
+      }
+      continue;
+    }
     {
       UcxLock lock(*this);
       for (int i = 0; i < 64 && ucp_worker_progress(worker_) != 0; ++i) active = true;
@@ -127,6 +149,10 @@ void Engine::progress_loop() {
       last_watch_ns_ = now;
       watch_stream_waits(now);
     }
+    if (n_flag_watches_.load() > 0 && now - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
+      last_flag_watch_ns_ = now;
+      watch_flag_waits(now);
+    }
     if (active) {
       last_active = now;
       continue;
@@ -149,7 +175,8 @@ void Engine::progress_loop() {
     }
     epoll_event evs[4];
     stat_sleeps_.fetch_add(1, std::memory_order_relaxed);
-    epoll_wait(epoll_fd_, evs, 4, sleep_ms);
+    // Watched flags are read from host memory: waking every few ms for them is cheap.
+    epoll_wait(epoll_fd_, evs, 4, n_flag_watches_.load() > 0 ? std::min(sleep_ms, kFlagWatchPeriodMs) : sleep_ms);
     sleeping_.store(false);
     uint64_t drained;
     while (::read(wake_fd_, &drained, sizeof(drained)) > 0) {
@@ -173,8 +200,9 @@ bool Engine::drain_stream_puts() {
       progress_error_ = e.what();
     }
     if (!done) return true;  // FIFO: later puts stay behind this one
-    StreamPut sp = head;
+    StreamPut sp = std::move(head);
     stream_puts_.pop_front();
+    stream_puts_pending_.store(static_cast<int>(stream_puts_.size()));
     lock.unlock();
     gpu::destroy_event(sp.event);
     try {

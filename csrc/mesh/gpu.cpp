@@ -64,6 +64,40 @@ void wait_value(cudaStream_t stream, const uint64_t* word, uint64_t value) {
   if (r != CUDA_SUCCESS) AFDKIT_THROW(CudaError, "cuStreamWaitValue64 failed with CUresult ", static_cast<int>(r));
 }
 
+namespace {
+using WriteValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+using WaitValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int);
+}  // namespace
+
+void write_value_raw(cudaStream_t stream, uint64_t* word, uint64_t value, bool fence) {
+  static auto fn = driver_fn<WriteValueFn>("cuStreamWriteValue64");
+  CUresult r = fn(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
+                  fence ? CU_STREAM_WRITE_VALUE_DEFAULT : CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER);
+  if (r != CUDA_SUCCESS)
+    AFDKIT_THROW(CudaError, "cuStreamWriteValue64 of ", static_cast<void*>(word), " failed with CUresult ",
+                 static_cast<int>(r));
+}
+
+void wait_value_raw(cudaStream_t stream, const uint64_t* word, uint64_t value) {
+  static auto fn = driver_fn<WaitValueFn>("cuStreamWaitValue64");
+  CUresult r = fn(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
+                  CU_STREAM_WAIT_VALUE_GEQ);
+  if (r != CUDA_SUCCESS)
+    AFDKIT_THROW(CudaError, "cuStreamWaitValue64 of ", static_cast<const void*>(word), " failed with CUresult ",
+                 static_cast<int>(r));
+}
+
+uint64_t* alloc_mapped_words(size_t n) {
+  void* p = nullptr;
+  AFDKIT_CUDA_CHECK(cudaHostAlloc(&p, n * sizeof(uint64_t), cudaHostAllocMapped | cudaHostAllocPortable));
+  std::memset(p, 0, n * sizeof(uint64_t));
+  return static_cast<uint64_t*>(p);
+}
+
+void free_mapped_words(uint64_t* words) {
+  if (words) cudaFreeHost(words);
+}
+
 uint64_t* device_address(const uint64_t* word) {
   cudaPointerAttributes attr{};
   AFDKIT_CUDA_CHECK(cudaPointerGetAttributes(&attr, word));

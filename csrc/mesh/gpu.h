@@ -25,6 +25,15 @@ void copy_async(void* dst, const void* src, size_t nbytes, cudaStream_t stream);
 void write_value(cudaStream_t stream, uint64_t* word, uint64_t value);
 // Later work on `stream` waits until *word >= value; the host returns at once.
 void wait_value(cudaStream_t stream, const uint64_t* word, uint64_t value);
+// The hot-path forms: `word` is already a device address (device memory, a peer's
+// IPC-mapped memory, or mapped host memory from alloc_mapped_words); `fence` false
+// lets the write pass earlier writes (header words that a fenced signal publishes).
+void write_value_raw(cudaStream_t stream, uint64_t* word, uint64_t value, bool fence);
+void wait_value_raw(cudaStream_t stream, const uint64_t* word, uint64_t value);
+// Zeroed words of pinned host memory that the GPU can write with stream memory
+// operations (cudaHostAllocMapped | Portable); the host reads them without CUDA calls.
+uint64_t* alloc_mapped_words(size_t n);
+void free_mapped_words(uint64_t* words);
 // The device-visible address of a host word (pinned/registered memory) or the word itself.
 uint64_t* device_address(const uint64_t* word);
 // A blocking read of a word in device memory (host waits on GPU signals, the slow path).

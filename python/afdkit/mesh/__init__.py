@@ -14,13 +14,14 @@ See docs/mesh.md.
 from __future__ import annotations
 
 from afdkit.mesh.channel import AfdChannel, Batch, ChannelConfig, TensorSpec
+from afdkit.mesh.channel_stream import DeviceBatch
 from afdkit.mesh.core import ROLES, Mesh, MeshConfig, RemoteRegion
 from afdkit.mesh.errors import MeshAuthError, MeshError, MeshPeerLost, MeshTimeout
 from afdkit.mesh.trace import chrome_trace, message_spans, write_chrome_trace
 
 __all__ = [
     "Mesh", "MeshConfig", "RemoteRegion", "ROLES",
-    "AfdChannel", "ChannelConfig", "TensorSpec", "Batch",
+    "AfdChannel", "ChannelConfig", "TensorSpec", "Batch", "DeviceBatch",
     "MeshError", "MeshTimeout", "MeshPeerLost", "MeshAuthError",
     "chrome_trace", "message_spans", "write_chrome_trace",
 ]

@@ -23,6 +23,12 @@ StepMesh's semantics without its pitfalls:
 Message layout in a slot: a 64-byte header (int64: seq, layer, microbatch, rows,
 source rank, magic), then (routed) the int32 row indices, then each tensor's rows,
 every section 16-byte aligned, packed for the actual row count so one put moves it.
+
+On CUDA (``device="cuda:N"``) the channel runs the stream-ordered protocol of
+:mod:`afdkit.mesh.channel_stream` instead: 0/1 flags instead of sequence numbers,
+sections at fixed offsets, every step queued on the current stream (no host waits,
+CUDA-graph-capturable over ``ipc``), and :meth:`AfdChannel.recv_batch_device` for FFN
+ranks that take fixed-size views with device-side row counts.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from typing import Sequence
 
 import torch
 
+from afdkit.mesh.channel_stream import DeviceBatch, FlagProtocol
 from afdkit.mesh.core import Mesh
 from afdkit.mesh.errors import MeshError
 
@@ -71,6 +78,9 @@ class ChannelConfig:
     expert_map: tuple[int, ...] | None = None  # routed: expert id -> index into the FFN ranks
     timeout_s: float | None = None  # default: the mesh's
     num_layers: int | None = None  # when set, layer ids are range-checked
+    # The stream-ordered flag protocol (channel_stream); None: on for CUDA channels. Every
+    # rank of a channel must use the same protocol (checked at setup).
+    stream_ordered: bool | None = None
 
     def __post_init__(self) -> None:
         if self.mode not in ("broadcast", "routed"):
@@ -79,6 +89,8 @@ class ChannelConfig:
             raise ValueError("afdkit.mesh.ChannelConfig: max_tokens and num_microbatches must be positive")
         if not self.send or not self.recv:
             raise ValueError("afdkit.mesh.ChannelConfig: 'send' and 'recv' need at least one TensorSpec each")
+        if self.stream_ordered and torch.device(self.device).type != "cuda":
+            raise ValueError("afdkit.mesh.ChannelConfig: stream_ordered needs a CUDA device")
 
 
 class _Layout:
@@ -87,6 +99,8 @@ class _Layout:
     def __init__(self, specs: Sequence[TensorSpec], routed: bool, max_tokens: int) -> None:
         self.specs, self.routed = tuple(specs), routed
         self.capacity = self.size(max_tokens)
+        self.max_rows = max_tokens
+        self.fixed = self.offsets(max_tokens)  # the stream-ordered protocol's fixed sections
 
     def offsets(self, n: int) -> tuple[int, list[int], int]:
         pos = _HEADER
@@ -170,6 +184,8 @@ class AfdChannel:
                 raise ValueError(f"afdkit.mesh.ChannelConfig: expert_map names FFN indices {bad} outside "
                                  f"[0, {len(self.ffn)})")
         self.is_attention = mesh.role == "attention"
+        self._cuda = torch.device(config.device).type == "cuda"
+        self.stream_ordered = self._cuda and config.stream_ordered is not False
         self.K = 2 * config.num_microbatches  # slots per peer pair: (layer parity, microbatch)
         routed = config.mode == "routed"
         self.fwd = _Layout(config.send, routed, config.max_tokens)
@@ -179,10 +195,11 @@ class AfdChannel:
         self._me = (self.att if self.is_attention else self.ffn).index(mesh.rank)
         P, K = len(self._peers), self.K
         n = f"afd.{config.name}"
-        self._in_name, self._sig_name = f"{n}.in", f"{n}.sig"
+        # The signal region's name tells the peers which protocol this rank runs.
+        self._in_name, self._sig_name = f"{n}.in", f"{n}.flags" if self.stream_ordered else f"{n}.sig"
         if self.is_attention:
             in_bytes, in_cap = P * K * self.bwd.capacity, self.bwd.capacity
-            out_bytes = (P if routed else 1) * K * self.fwd.capacity
+            out_bytes = (P if routed or self.stream_ordered else 1) * K * self.fwd.capacity
         else:
             in_bytes, in_cap = P * K * self.fwd.capacity, self.fwd.capacity
             out_bytes = P * K * self.bwd.capacity
@@ -191,7 +208,6 @@ class AfdChannel:
         self._out = mesh.alloc(f"{n}.out", out_bytes, dev)
         self._sig = mesh.alloc(self._sig_name, 2 * P * K * 8, dev)
         self._in_cap = in_cap
-        self._cuda = torch.device(dev).type == "cuda"
         self._sig_region = {p: None for p in self._peers}
         self._sent = [[0] * K for _ in range(P)]  # messages written to each peer's slot
         self._got = [[0] * K for _ in range(P)]  # messages read from each peer's slot
@@ -199,9 +215,35 @@ class AfdChannel:
         self._batches: dict[tuple[int, int], Batch] = {}
         mesh.publish(f"channel/{config.name}")
         eng = mesh.engine
+        for p in self._peers:
+            try:
+                mesh.remote(p, self._sig_name)
+            except ValueError:
+                raise MeshError(f"afdkit.mesh.AfdChannel '{config.name}': rank {p} runs the other protocol than rank "
+                                f"{mesh.rank} (stream_ordered={self.stream_ordered}, device {config.device}); every "
+                                "rank of a channel needs the same device type and stream_ordered setting") from None
         self._remote_in = {p: mesh.remote(p, self._in_name).handle for p in self._peers}
         self._remote_sig = {p: mesh.remote(p, self._sig_name).handle for p in self._peers}
         self._eng = eng
+        self._fp = FlagProtocol(self, self._sig_name) if self.stream_ordered else None
+
+    _tag = staticmethod(tag_of)
+
+    def _out_slot(self, pi: int, k: int, layout: _Layout) -> torch.Tensor:
+        """This rank's own staging slot for peer pi's slot k (stream-ordered protocol)."""
+        base = (pi * self.K + k) * layout.capacity
+        return self._out[base : base + layout.capacity]
+
+    @property
+    def graph_safe(self) -> bool:
+        """True when send/recv/recv_batch_device/send_back are pure stream work that a CUDA
+        graph can capture: the stream-ordered protocol with every peer over ipc."""
+        return self._fp is not None and self._fp.graph_safe
+
+    def close(self) -> None:
+        """Stops the watchdog of this channel's flags (the mesh keeps its memory)."""
+        if self._fp is not None:
+            self._fp.close()
 
     # ---- keys and offsets ---------------------------------------------------------------
 
@@ -340,6 +382,9 @@ class AfdChannel:
         if (layer, microbatch) in self._pending:
             raise ValueError(f"afdkit.mesh.send: layer {layer} microbatch {microbatch} was already sent and not "
                              "received back")
+        if self._fp is not None:
+            self._send_stream(k, layer, microbatch, tensors, n, routes)
+            return
         for fi in range(len(self.ffn)):
             self._await_credit(fi, k, layer, microbatch)
         cap = self.fwd.capacity
@@ -358,22 +403,48 @@ class AfdChannel:
             self._post(fi, k, slot, nbytes, self.fwd, tag_of(0, layer, microbatch, self.mesh.rank, f))
         self._pending[(layer, microbatch)] = (n, routes)
 
+    def _send_stream(self, k: int, layer: int, mb: int, tensors: list[torch.Tensor], n: int,
+                     routes: list[torch.Tensor | None]) -> None:
+        fp = self._fp
+        fp.release_held(k)  # results of this key handed out as views by recv(reduce="views")
+        dense = [t.contiguous() for t in tensors]
+        for fi in range(len(self.ffn)):
+            rows = routes[fi]
+            if rows is None:
+                fp.post(fi, k, layer, mb, self.fwd, dense, n, None, 0)
+            else:
+                # Routed: the selected rows are gathered (index_select) before the copy.
+                fp.post(fi, k, layer, mb, self.fwd, [t.index_select(0, rows) for t in dense], int(rows.numel()),
+                        rows.to(torch.int32), 0)
+        self._pending[(layer, mb)] = (n, routes)
+
     def recv(self, layer: int, microbatch: int, reduce: str | None = "sum"):
         """Attention: the FFN results for the rows sent with ``send(layer, microbatch)``.
 
         ``reduce="sum"``: the partial results of all FFN ranks added per row (fp32
         accumulation), a tensor per ``config.recv`` spec of ``[T, ...]`` (a single tensor
         when there is one spec). ``reduce=None``: per FFN rank, ``(row_index, tensors)``
-        with row_index None in broadcast mode.
+        with row_index None in broadcast mode. ``reduce="views"`` (stream-ordered channels):
+        like None but the tensors are views of the receive slots, valid until the next
+        ``send`` of the same (layer parity, microbatch) -- no copy.
+
+        On a stream-ordered (CUDA) channel nothing here blocks the host: the results are
+        waited for on the current stream.
         """
         if not self.is_attention:
             raise MeshError("afdkit.mesh.recv: only attention ranks call recv; FFN ranks call recv_batch")
+        if reduce not in ("sum", None, "views"):
+            raise ValueError(f"afdkit.mesh.recv: reduce must be 'sum', None or 'views', got {reduce!r}")
+        if reduce == "views" and self._fp is None:
+            raise ValueError("afdkit.mesh.recv: reduce='views' needs a stream-ordered (CUDA) channel")
         k = self._key(layer, microbatch, "recv")
         try:
             n, routes = self._pending.pop((layer, microbatch))
         except KeyError:
             raise ValueError(f"afdkit.mesh.recv: nothing was sent for layer {layer} microbatch {microbatch} "
                              "(or it was already received)") from None
+        if self._fp is not None:
+            return self._recv_stream(k, layer, microbatch, n, routes, reduce)
         parts = []
         for fi in range(len(self.ffn)):
             m, _, copies = self._take(fi, k, layer, microbatch, self.bwd, 1)
@@ -384,8 +455,29 @@ class AfdChannel:
             parts.append((routes[fi], copies))
         if reduce is None:
             return parts
-        if reduce != "sum":
-            raise ValueError(f"afdkit.mesh.recv: reduce must be 'sum' or None, got {reduce!r}")
+        return self._reduce_sum(parts, n)
+
+    def _recv_stream(self, k: int, layer: int, mb: int, n: int, routes: list[torch.Tensor | None],
+                     reduce: str | None):
+        fp = self._fp
+        for fi in range(len(self.ffn)):
+            fp.wait_full(fi, k, layer)
+        _, views = fp.views(k, self.bwd, self.config.max_tokens)
+        parts = []
+        for fi in range(len(self.ffn)):
+            m = n if routes[fi] is None else int(routes[fi].numel())
+            parts.append((routes[fi], [v[fi, :m] for v in views]))
+            fp.mark_consumed(fi, layer, mb, 1, self.bwd.size(m))
+        if reduce == "views":
+            for fi in range(len(self.ffn)):
+                fp.held[fi][k] = True
+            return parts
+        out = [(r, [c.clone() for c in cs]) for r, cs in parts] if reduce is None else self._reduce_sum(parts, n)
+        for fi in range(len(self.ffn)):
+            fp.release(fi, k)  # stream-ordered after the copies / sums above
+        return out
+
+    def _reduce_sum(self, parts: list, n: int):
         outs = []
         for si, s in enumerate(self.config.recv):
             acc = torch.zeros((n, *s.shape), dtype=torch.float32, device=self.config.device)
@@ -407,6 +499,10 @@ class AfdChannel:
         if (layer, microbatch) in self._batches:
             raise ValueError(f"afdkit.mesh.recv_batch: layer {layer} microbatch {microbatch} was received and not "
                              "yet answered with send_back")
+        if self._fp is not None:
+            batch = self._recv_batch_stream(k, layer, microbatch)
+            self._batches[(layer, microbatch)] = batch
+            return batch
         counts, idxs, per_spec = [], [], [[] for _ in self.config.send]
         for ai in range(len(self.att)):
             m, idx, copies = self._take(ai, k, layer, microbatch, self.fwd, 0)
@@ -419,6 +515,62 @@ class AfdChannel:
         self._batches[(layer, microbatch)] = batch
         return batch
 
+    def _recv_batch_stream(self, k: int, layer: int, mb: int) -> Batch:
+        """Stream waits, then one host sync to learn the row counts (the Batch API needs them)."""
+        fp = self._fp
+        for ai in range(len(self.att)):
+            fp.wait_full(ai, k, layer)
+        counts = fp.verify(k, self.fwd, layer, mb)
+        idx_v, views = fp.views(k, self.fwd, self.config.max_tokens)
+        tensors = tuple(torch.cat([v[ai, : counts[ai]] for ai in range(len(self.att))]) for v in views)
+        idxs = [idx_v[ai, : counts[ai]].to(torch.int64) if idx_v is not None else None for ai in range(len(self.att))]
+        for ai in range(len(self.att)):
+            fp.mark_consumed(ai, layer, mb, 0, self.fwd.size(counts[ai]))
+            fp.release(ai, k)  # after the copies above, in stream order
+        return Batch(layer, mb, tensors, list(self.att), counts, idxs)
+
+    def recv_batch_device(self, layer: int, microbatch: int) -> DeviceBatch:
+        """FFN, stream-ordered channels: the rows of every attention rank as fixed-size views
+        ``[n_attention, max_tokens, ...]`` of the receive slots plus the row counts as a
+        device tensor -- no host sync, no copy, CUDA-graph-capturable over ipc. Answer it
+        with :meth:`send_back` of ``[n_attention, max_tokens, ...]`` results (every slot row
+        is sent back; each attention rank reads its own count of them)."""
+        if self.is_attention:
+            raise MeshError("afdkit.mesh.recv_batch_device: only FFN ranks call recv_batch_device")
+        if self._fp is None:
+            raise MeshError("afdkit.mesh.recv_batch_device: needs a stream-ordered (CUDA) channel")
+        k = self._key(layer, microbatch, "recv_batch_device")
+        if (layer, microbatch) in self._batches:
+            raise ValueError(f"afdkit.mesh.recv_batch_device: layer {layer} microbatch {microbatch} was received "
+                             "and not yet answered with send_back")
+        fp = self._fp
+        for ai in range(len(self.att)):
+            fp.wait_full(ai, k, layer)
+            fp.held[ai][k] = True
+        idx_v, views = fp.views(k, self.fwd, self.config.max_tokens)
+        counts, _ = fp.counts(k, self.fwd)
+        batch = DeviceBatch(layer, microbatch, tuple(views), counts, list(self.att), idx_v)
+        self._batches[(layer, microbatch)] = batch
+        return batch
+
+    def _send_back_device(self, k: int, batch: DeviceBatch, tensors: list[torch.Tensor]) -> None:
+        A, T = len(self.att), self.config.max_tokens
+        shaped = []
+        for s, t in zip(self.config.recv, tensors):
+            if not isinstance(t, torch.Tensor) or t.dtype != s.dtype:
+                raise TypeError(f"afdkit.mesh.send_back: '{s.name}' must be a {s.dtype} tensor")
+            if t.device.type != "cuda":
+                raise ValueError(f"afdkit.mesh.send_back: '{s.name}' is on {t.device}, the channel on CUDA")
+            if tuple(t.shape) not in ((A, T, *s.shape), (A * T, *s.shape)):
+                raise ValueError(f"afdkit.mesh.send_back: after recv_batch_device '{s.name}' must be "
+                                 f"[{A}, {T}, {', '.join(map(str, s.shape))}] (every slot row), got {list(t.shape)}")
+            shaped.append(t.contiguous().view(A, T, *s.shape))
+        del self._batches[(batch.layer, batch.microbatch)]
+        for ai in range(A):
+            self._fp.post(ai, k, batch.layer, batch.microbatch, self.bwd, [t[ai] for t in shaped], T, None, 1,
+                          count_word=False)
+        self._fp.release_held(k)  # the rows' slots: whatever read them is queued before this
+
     def send_back(self, layer: int, microbatch: int, results: torch.Tensor | Sequence[torch.Tensor]) -> None:
         """FFN: returns results for the rows of ``recv_batch(layer, microbatch)``, in the
         same order; each attention rank gets exactly its own rows."""
@@ -430,9 +582,22 @@ class AfdChannel:
             raise ValueError(f"afdkit.mesh.send_back: no batch of layer {layer} microbatch {microbatch} is pending "
                              "(call recv_batch first)")
         tensors = [results] if isinstance(results, torch.Tensor) else list(results)
+        if isinstance(batch, DeviceBatch):
+            if len(tensors) != len(self.config.recv):
+                raise ValueError(f"afdkit.mesh.send_back: expected {len(self.config.recv)} tensor(s), got {len(tensors)}")
+            self._send_back_device(k, batch, tensors)
+            return
         self._check_tensors("send_back", self.config.recv, tensors, rows=batch.num_rows,
                             limit=len(self.att) * self.config.max_tokens)
         del self._batches[(layer, microbatch)]
+        if self._fp is not None:
+            start = 0
+            for ai in range(len(self.att)):
+                m = batch.counts[ai]
+                self._fp.post(ai, k, layer, microbatch, self.bwd, [t[start : start + m].contiguous() for t in tensors],
+                              m, None, 1)
+                start += m
+            return
         start = 0
         cap = self.bwd.capacity
         for ai, a in enumerate(self.att):
@@ -449,4 +614,4 @@ class AfdChannel:
         return {"sent": len(self._pending), "batches": len(self._batches)}
 
 
-__all__ = ["AfdChannel", "ChannelConfig", "TensorSpec", "Batch", "tag_of"]
+__all__ = ["AfdChannel", "ChannelConfig", "TensorSpec", "Batch", "DeviceBatch", "tag_of"]
