@@ -152,7 +152,7 @@ def _step3_channel(ctx: RankContext, mesh_id: str):
     send = (TensorSpec("u", (STEP3_HIDDEN,), torch.float8_e4m3fn),)
     recv = (TensorSpec("y", (STEP3_HIDDEN,), torch.bfloat16),)
     ch = AfdChannel(m, ChannelConfig(max_tokens=STEP3_TOKENS, send=send, recv=recv, num_microbatches=3,
-                                     device=str(dev)))
+                                     device=str(dev), stream_ordered=dev.type == "cuda"))
     return m, ch, dev
 
 

@@ -45,7 +45,7 @@ def _open(ctx: RankContext, mesh_id: str, mode: str = "broadcast", channel_timeo
     n_ffn = ctx.roles.count("ffn")
     cfg = ChannelConfig(max_tokens=MAX_TOKENS, send=send, recv=recv, mode=mode, device=str(dev),
                         expert_map=tuple(e % n_ffn for e in range(8)), num_microbatches=3,
-                        timeout_s=channel_timeout_s)
+                        timeout_s=channel_timeout_s, stream_ordered=True)
     ch = AfdChannel(m, cfg)
     assert ch.stream_ordered
     return m, ch, dev

@@ -3,6 +3,7 @@
 // naming the op and the argument instead of a crash or a generic RuntimeError.
 #pragma once
 #include <stdexcept>
+#include <cstdio>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -27,6 +28,12 @@ inline void append(std::string& s, const std::string& v) { s += v; }
 inline void append(std::string& s, const char* v) { s += v ? v : "(null)"; }
 inline void append(std::string& s, char v) { s += v; }
 inline void append(std::string& s, bool v) { s += v ? "true" : "false"; }
+// Pointers print as hex addresses (without this overload they would convert to bool).
+inline void append(std::string& s, const void* v) {
+  char buf[2 + 2 * sizeof(void*) + 1];
+  std::snprintf(buf, sizeof(buf), "%p", v);
+  s += buf;
+}
 template <class T, std::enable_if_t<std::is_integral_v<T> || std::is_floating_point_v<T>, int> = 0>
 void append(std::string& s, T v) { s += std::to_string(v); }
 template <class T, std::enable_if_t<std::is_enum_v<T>, int> = 0>

@@ -71,8 +71,12 @@ using WaitValueFn = CUresult (*)(CUstream, CUdeviceptr, cuuint64_t, unsigned int
 
 void write_value_raw(cudaStream_t stream, uint64_t* word, uint64_t value, bool fence) {
   static auto fn = driver_fn<WriteValueFn>("cuStreamWriteValue64");
+  // Always the default (fenced) write: CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER is not
+  // supported by the v2 stream memory-op API that CUDA 12+ resolves these names to
+  // (the driver answers CUDA_ERROR_INVALID_VALUE, seen on H200s with driver 580).
+  (void)fence;
   CUresult r = fn(reinterpret_cast<CUstream>(stream), reinterpret_cast<CUdeviceptr>(word), value,
-                  fence ? CU_STREAM_WRITE_VALUE_DEFAULT : CU_STREAM_WRITE_VALUE_NO_MEMORY_BARRIER);
+                  CU_STREAM_WRITE_VALUE_DEFAULT);
   if (r != CUDA_SUCCESS)
     AFDKIT_THROW(CudaError, "cuStreamWriteValue64 of ", static_cast<void*>(word), " failed with CUresult ",
                  static_cast<int>(r));

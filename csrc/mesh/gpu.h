@@ -26,8 +26,8 @@ void write_value(cudaStream_t stream, uint64_t* word, uint64_t value);
 // Later work on `stream` waits until *word >= value; the host returns at once.
 void wait_value(cudaStream_t stream, const uint64_t* word, uint64_t value);
 // The hot-path forms: `word` is already a device address (device memory, a peer's
-// IPC-mapped memory, or mapped host memory from alloc_mapped_words); `fence` false
-// lets the write pass earlier writes (header words that a fenced signal publishes).
+// IPC-mapped memory, or mapped host memory from alloc_mapped_words). `fence` is kept
+// for callers but every write is fenced: the v2 memory-op API refuses the no-barrier flag.
 void write_value_raw(cudaStream_t stream, uint64_t* word, uint64_t value, bool fence);
 void wait_value_raw(cudaStream_t stream, const uint64_t* word, uint64_t value);
 // Zeroed words of pinned host memory that the GPU can write with stream memory

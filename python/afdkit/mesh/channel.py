@@ -78,8 +78,10 @@ class ChannelConfig:
     expert_map: tuple[int, ...] | None = None  # routed: expert id -> index into the FFN ranks
     timeout_s: float | None = None  # default: the mesh's
     num_layers: int | None = None  # when set, layer ids are range-checked
-    # The stream-ordered flag protocol (channel_stream); None: on for CUDA channels. Every
-    # rank of a channel must use the same protocol (checked at setup).
+    # The stream-ordered flag protocol (channel_stream), opt-in: its first runs on H200s
+    # failed (see docs/mesh.md, "Status"), so CUDA channels default to the host-waited
+    # protocol that passed there. Every rank of a channel must use the same protocol
+    # (checked at setup).
     stream_ordered: bool | None = None
 
     def __post_init__(self) -> None:
@@ -185,7 +187,7 @@ class AfdChannel:
                                  f"[0, {len(self.ffn)})")
         self.is_attention = mesh.role == "attention"
         self._cuda = torch.device(config.device).type == "cuda"
-        self.stream_ordered = self._cuda and config.stream_ordered is not False
+        self.stream_ordered = self._cuda and bool(config.stream_ordered)
         self.K = 2 * config.num_microbatches  # slots per peer pair: (layer parity, microbatch)
         routed = config.mode == "routed"
         self.fwd = _Layout(config.send, routed, config.max_tokens)
