@@ -59,10 +59,8 @@ class RunConfig:
              f"--context + --steps ({self.context + self.steps}) exceeds the model's "
              f"{cfg.max_position_embedding} positions")
         if not self.colocated:
-            for width, what in ((cfg.intermediate_size, "dense FFN"), (cfg.moe_intermediate_size, "expert"),
-                                (cfg.share_expert_dim, "shared expert")):
-                if self.routing == "broadcast" or what == "dense FFN":
-                    need(width % self.ffn == 0, f"the {what} width {width} does not split over --ffn {self.ffn}")
+            need(min(cfg.intermediate_size, cfg.moe_intermediate_size, cfg.share_expert_dim) >= self.ffn,
+                 f"--ffn {self.ffn} exceeds an FFN width of the model")
             if self.routing == "routed":
                 need(self.ffn <= cfg.moe_num_experts,
                      f"--ffn {self.ffn} exceeds the {cfg.moe_num_experts} experts (routed mode)")

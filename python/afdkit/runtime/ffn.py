@@ -2,8 +2,8 @@
 
 Two ways to split the FFN over ``N`` FFN ranks (:class:`ShardSpec`):
 
-``broadcast`` (tensor parallel): every rank gets every row and holds the slice
-``[f * I / N, (f + 1) * I / N)`` of every intermediate dimension: of the dense FFN, of
+``broadcast`` (tensor parallel): every rank gets every row and holds a contiguous
+slice (``I / N`` wide, balanced when uneven) of every intermediate dimension: of the dense FFN, of
 each routed expert and of the shared expert. Its result is a partial sum; the
 attention side adds the partials.
 
@@ -69,11 +69,14 @@ def default_expert_owner(num_experts: int, num_ffn: int) -> tuple[int, ...]:
 
 
 def _tp_range(width: int, spec: ShardSpec, what: str) -> tuple[int, int]:
+    """(start, length) of this rank's slice of an intermediate dimension: balanced
+    contiguous slices (sizes differ by at most one) in broadcast mode and for dense
+    layers; the whole width for experts and the shared expert in routed mode."""
     if spec.mode == "broadcast" or what == "dense":
-        if width % spec.count:
-            raise ValueError(f"afdkit.runtime: the {what} width {width} does not split over {spec.count} FFN ranks")
-        part = width // spec.count
-        return spec.index * part, part
+        if width < spec.count:
+            raise ValueError(f"afdkit.runtime: the {what} width {width} cannot split over {spec.count} FFN ranks")
+        base, extra = divmod(width, spec.count)
+        return spec.index * base + min(spec.index, extra), base + (1 if spec.index < extra else 0)
     return 0, width
 
 

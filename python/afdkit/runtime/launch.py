@@ -45,7 +45,7 @@ class RankFailure:
     rank: int
     role: str
     what: str
-    root: bool = False  # died without reporting an error: the likely cause of the others'
+    root: bool = False  # died silently or raised its own error: the likely cause of the others'
 
 
 @dataclass
@@ -194,7 +194,9 @@ class _Monitor:
         for r, p in enumerate(self.procs):
             role = "colocated" if cfg.colocated else cfg.role(r)
             if r in self.errors:
-                self.outcome.failures.append(RankFailure(r, role, f"raised {self.errors[r]}"))
+                # A peer's loss reported by the mesh is a consequence; anything else a cause.
+                consequence = self.errors[r].startswith(("MeshPeerLost", "MeshTimeout", "SystemExit"))
+                self.outcome.failures.append(RankFailure(r, role, f"raised {self.errors[r]}", root=not consequence))
             elif r not in self.outcome.results:
                 self.outcome.failures.append(RankFailure(r, role, _exit_text(p.exitcode) + " without reporting a result",
                                                          root=p.exitcode is not None))

@@ -69,7 +69,7 @@ def wire_encode(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def wire_decode(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """The FFN side's view of ``u``: ``q * scale`` in fp32, then ``dtype``."""
-    rows = q.float().view(q.shape[0], -1, WIRE_GROUP) * scale.float().unsqueeze(-1)
+    rows = q.float().view(q.shape[0], q.shape[1] // WIRE_GROUP, WIRE_GROUP) * scale.float().unsqueeze(-1)
     return rows.view(q.shape).to(dtype)
 
 
