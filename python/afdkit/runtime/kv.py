@@ -89,19 +89,24 @@ class KVState:
 
     def fill_context(self, context: int, seed: int) -> None:
         """Writes ``context`` synthetic tokens of K/V per sequence and layer (N(0, 1)
-        values through ``mfa.append_kv``), seeded per (seed, layer, global sequence id)."""
+        values through ``mfa.append_kv``), seeded per (seed, layer, global sequence id).
+
+        The values are drawn on the host while the whole context is small (under 2^26
+        values: tests then see the same cache on CPU and GPU) and on the device beyond
+        (a 4K context for hundreds of sequences would take minutes on the host)."""
         if context < 0 or context >= self.max_tokens:
             raise ValueError(f"afdkit.runtime: context {context} does not fit the cache ({self.max_tokens} tokens)")
         if context:
             dev = self.numerics.device
-            hd = self.config.head_dim
+            hd, page = self.config.head_dim, self.numerics.page_size
+            total = 2 * context * hd * len(self.seq_ids) * len(self.layers)
+            draw = torch.device("cpu") if total < (1 << 26) else dev
             pos = torch.arange(context, device=dev)
             for li, cache in enumerate(self.layers):
                 for row, sid in enumerate(self.seq_ids):
-                    gen = torch.Generator(device=dev).manual_seed((seed * 1_000_003 + li) * 65_537 + sid)
-                    kv = torch.randn(2, context, 1, hd, generator=gen, device=dev).to(torch.bfloat16)
-                    slots = (self.block_table[row, pos // self.numerics.page_size].long() * self.numerics.page_size
-                             + pos % self.numerics.page_size)
+                    gen = torch.Generator(device=draw).manual_seed((seed * 1_000_003 + li) * 65_537 + sid)
+                    kv = torch.randn(2, context, 1, hd, generator=gen, device=draw).to(device=dev, dtype=torch.bfloat16)
+                    slots = self.block_table[row, pos // page].long() * page + pos % page
                     mfa.append_kv(kv[0], kv[1], cache.k, cache.v, slots, cache.k_scale, cache.v_scale)
         self.seq_lens.fill_(context)
         for mb in self.microbatches:
