@@ -182,3 +182,81 @@ def test_torchrun_style_launch(tmp_path) -> None:
     assert "2A1F broadcast" in outs[0][0] and "equal the colocated reference" in outs[0][0]
     assert "tokens/s" not in outs[1][0]  # only rank 0 reports
     assert (tmp_path / "rows.json").exists()
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.timeout(120)
+def test_embedding_example_runs() -> None:
+    """docs/embedding.md's example: routed connector, 1 attention + 2 FFN ranks, exact results."""
+    res = subprocess.run([sys.executable, os.path.join(REPO, "examples", "embedding_connector.py"), "--layers", "3"],
+                         capture_output=True, text=True, timeout=100)
+    assert res.returncode == 0, res.stderr
+    assert "ok: 3 layers x 3 stages, 2 FFN ranks, results exact" in res.stdout
+
+
+def _connector_misuse(ctx) -> list[str]:
+    import torch
+
+    from afdkit.mesh import Mesh, MeshConfig
+    from afdkit.runtime.connector import AfdConnector, AfdMetadata, ConnectorConfig
+
+    mesh = Mesh(ctx.rank, ctx.world_size, ctx.role, MeshConfig(mesh_id="misuse", timeout_s=20))
+    mesh.connect(ctx.store(), b"s")
+    conn = AfdConnector(mesh, ConnectorConfig(hidden_size=128, top_k=2, max_tokens=4, num_stages=2, mode="routed",
+                                              expert_owner=(0, 0, 0, 0)))
+    meta = AfdMetadata(0, 0)
+    u = torch.randn(3, 128)
+    ids, w = torch.zeros(3, 2, dtype=torch.int32), torch.rand(3, 2)
+    if conn.is_attention:
+        cases = [lambda: conn.recv_attn_output(0, 0), lambda: conn.send_ffn_output(u, None),
+                 lambda: conn.send_attn_output(torch.randn(3, 64), meta),
+                 lambda: conn.send_attn_output(u, meta, topk_ids=ids),
+                 lambda: conn.send_attn_output(u, meta, topk_ids=ids[:, :1], topk_weights=w[:, :1]),
+                 lambda: conn.send_attn_output(torch.randn(5, 128), meta),  # over max_tokens
+                 lambda: conn.send_attn_output(u, meta, topk_ids=ids + 4, topk_weights=w),  # unknown expert
+                 lambda: conn.send_attn_output(u, AfdMetadata(0, 2)),  # unknown stage
+                 lambda: conn.recv_ffn_output(type("H", (), {"metadata": meta})())]  # nothing sent
+    else:
+        cases = [lambda: conn.send_attn_output(u, meta), lambda: conn.recv_ffn_output(None)]
+    out = []
+    for case in cases:
+        try:
+            case()
+            out.append("no error")
+        except (ValueError, TypeError, RuntimeError) as exc:
+            out.append(type(exc).__name__)
+    # The connector still works after refused calls: one routed exchange, checked.
+    if conn.is_attention:
+        h = conn.send_attn_output(u, meta, topk_ids=ids, topk_weights=w)
+        y = conn.recv_ffn_output(h)  # the FFN echoes u as it received it (FP8 on the wire)
+        from afdkit.runtime.numerics import wire_decode, wire_encode
+
+        assert torch.equal(y, wire_decode(*wire_encode(u), torch.float32).bfloat16())
+        assert y.shape == (3, 128) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    else:
+        req = conn.recv_attn_output(0, 0)
+        assert req.num_tokens == 3 and req.home.all() and torch.equal(req.topk_ids, torch.zeros(3, 2, dtype=torch.int32))
+        try:
+            conn.send_ffn_output(torch.zeros(2, 128), req)
+            out.append("no error")
+        except ValueError:
+            out.append("ValueError")
+        conn.send_ffn_output(req.hidden(torch.float32), req)
+    mesh.close()
+    return out
+
+
+@pytest.mark.timeout(90)
+def test_connector_refuses_misuse() -> None:
+    from afdkit.mesh.testing import UCX_ENVS, check_all_ok, run_ranks
+    from afdkit.runtime.connector import ConnectorConfig
+
+    vals = check_all_ok(run_ranks(_connector_misuse, ["attention", "ffn"], env=UCX_ENVS["shm"], timeout_s=60))
+    assert vals[0] == ["RuntimeError", "RuntimeError"] + ["ValueError"] * 7, vals[0]
+    assert vals[1] == ["RuntimeError", "RuntimeError", "ValueError"], vals[1]
+    with pytest.raises(ValueError, match="multiple of 128"):
+        ConnectorConfig(hidden_size=100, top_k=1, max_tokens=1)
+    with pytest.raises(ValueError, match="expert_owner"):
+        ConnectorConfig(hidden_size=128, top_k=1, max_tokens=1, mode="routed")

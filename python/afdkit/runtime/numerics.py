@@ -63,6 +63,9 @@ def wire_encode(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if u.shape[-1] % WIRE_GROUP:
         raise ValueError(f"afdkit.runtime: hidden size {u.shape[-1]} is not a multiple of {WIRE_GROUP} "
                          "(one FP8 scale per 128 channels on the wire)")
+    if u.shape[0] == 0:  # an empty microbatch: nothing to quantize (no kernel launch)
+        return (torch.empty(u.shape, dtype=torch.float8_e4m3fn, device=u.device),
+                torch.empty(0, u.shape[1] // WIRE_GROUP, dtype=torch.float32, device=u.device))
     src = u if u.dtype in (torch.bfloat16, torch.float16, torch.float32) else u.float()
     return quantize_fp8(src.contiguous(), "channel128")
 
