@@ -95,3 +95,23 @@ def test_bad_arguments_are_usage_errors(argv, capsys):
         cli.main(argv)
     assert exc.value.code == 2
     assert "usage: afdkit" in capsys.readouterr().err
+
+
+@pytest.mark.multiproc
+@pytest.mark.timeout(180)
+def test_run_from_a_checkpoint_equals_seeded_weights(capsys, tmp_path):
+    """A safetensors checkpoint of the seeded weights decodes to the tokens of the
+    seeded run (computed here by the in-process colocated model)."""
+    from afdkit.models.step3 import Step3Weights
+    from afdkit.runtime.checkpoint import save_safetensors
+    from afdkit.runtime.config import RunConfig
+    from afdkit.runtime.rank import reference_tokens
+
+    cfg = RunConfig(attention=1, ffn=2, batch=3, steps=3, context=5, seed=7, routing="routed")
+    save_safetensors(Step3Weights.random(cfg.model_config(), seed=7), tmp_path / "ckpt", max_shard_bytes=4 << 20)
+    want = reference_tokens(cfg)  # seeded random weights, no checkpoint
+    argv = ["run", "--attention", "1", "--ffn", "2", "--batch", "3", "--steps", "3", "--context", "5", "--seed", "7",
+            "--routing", "routed", "--checkpoint", str(tmp_path / "ckpt")]
+    assert cli.main(argv) == 0
+    lines = [l.strip() for l in capsys.readouterr().out.splitlines() if l.strip().startswith("seq ")]
+    assert lines == [f"seq {s}: {want[s]}" for s in range(3)]
