@@ -76,7 +76,8 @@ def _row(res: dict[str, Any], gpus: int) -> dict[str, Any]:
             "context": c["context"], "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p99_ms": s["tpot_p99_ms"],
             "tpot_per_layer_us": per_layer_us, "tokens_per_s": s["tokens_per_s"],
             "tokens_per_s_per_gpu": s["tokens_per_s_per_gpu"], "eq61_tokens_per_s_per_gpu": eq61,
-            "vs_step3": eq61 / STEP3_TOKENS_PER_GPU, "within_budget": per_layer_us <= TPOT_BUDGET_MS * 1e3 / STEP3_LAYERS,
+            "vs_step3": eq61 / STEP3_TOKENS_PER_GPU,
+            "within_budget": per_layer_us <= TPOT_BUDGET_MS * 1e3 / STEP3_LAYERS,
             "stage_us": s["stage_us"], "a2f_us": s["a2f_us"], "f2a_us": s["f2a_us"],
             "transfer_share": s["transfer_share"]}
 
@@ -98,8 +99,8 @@ def _markdown(rows: list[dict[str, Any]], best: dict[str, dict[str, Any]], env: 
                      f"{'yes' if r['within_budget'] else 'no'} | {r['transfer_share']:.0%} |")
     if "afd" in best and "colocated" in best:
         a, c = best["afd"], best["colocated"]
-        lines += ["", f"AFD / colocated at equal TPOT budget: {a['tokens_per_s_per_gpu'] / c['tokens_per_s_per_gpu']:.2f}x "
-                  "tokens/s per GPU."]
+        ratio = a["tokens_per_s_per_gpu"] / c["tokens_per_s_per_gpu"]
+        lines += ["", f"AFD / colocated at equal TPOT budget: {ratio:.2f}x tokens/s per GPU."]
     return "\n".join(lines) + "\n"
 
 

@@ -238,7 +238,8 @@ def _connector_misuse(ctx) -> list[str]:
         assert y.shape == (3, 128) and y.dtype == torch.bfloat16 and torch.isfinite(y).all()
     else:
         req = conn.recv_attn_output(0, 0)
-        assert req.num_tokens == 3 and req.home.all() and torch.equal(req.topk_ids, torch.zeros(3, 2, dtype=torch.int32))
+        assert req.num_tokens == 3 and req.home.all()
+        assert torch.equal(req.topk_ids, torch.zeros(3, 2, dtype=torch.int32))
         try:
             conn.send_ffn_output(torch.zeros(2, 128), req)
             out.append("no error")

@@ -70,7 +70,8 @@ def test_ffn_shard_cuda_fp8_matches_cpu(tiny, mode, count):
     for f in range(count):
         spec = ShardSpec(mode, f, count, owner)
         home = torch.arange(33) % count == f
-        cpu = FFNShard(config, WeightsSource(weights), spec, Numerics.for_device("cpu")).forward(3, u, ids.int(), w, home)
+        cpu_shard = FFNShard(config, WeightsSource(weights), spec, Numerics.for_device("cpu"))
+        cpu = cpu_shard.forward(3, u, ids.int(), w, home)
         nm = Numerics.for_device("cuda:0")
         gpu = FFNShard(config, WeightsSource(weights), spec, nm).forward(
             3, u.to("cuda", torch.bfloat16), ids.int().cuda(), w.cuda(), home.cuda())

@@ -111,9 +111,9 @@ def _fp8_experts(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
     dn = torch.empty(e, hidden, inter, dtype=torch.float8_e4m3fn, device=device)
     dn_s = torch.empty(e, hidden, dtype=torch.float32, device=device)
     for i in range(e):
-        q, sc = quantize_fp8(torch.cat([gate[i], up[i]]).to(device=device, dtype=torch.float32), "token")
+        q, sc = quantize_fp8(torch.cat([gate[i], up[i]]).to(device=device, dtype=torch.float32).contiguous(), "token")
         gu[i], gu_s[i] = q, sc.view(-1)
-        q, sc = quantize_fp8(down[i].to(device=device, dtype=torch.float32), "token")
+        q, sc = quantize_fp8(down[i].to(device=device, dtype=torch.float32).contiguous(), "token")
         dn[i], dn_s[i] = q, sc.view(-1)
     return fp8x.FP8ExpertWeights(gu, gu_s, dn, dn_s)
 
@@ -140,7 +140,8 @@ class FFNShard:
             self.layers.append(self._load_moe(source, i) if config.is_moe_layer(i) else self._load_dense(source, i))
 
     def _to(self, t: torch.Tensor) -> torch.Tensor:
-        return t.to(device=self.numerics.device, dtype=self.numerics.compute_dtype)
+        # contiguous(): a slice must not keep the whole tensor it was cut from alive.
+        return t.to(device=self.numerics.device, dtype=self.numerics.compute_dtype).contiguous()
 
     def _swiglu(self, source: TensorSource, prefix: str, width: int, what: str) -> SwiGLUWeights:
         start, n = _tp_range(width, self.spec, what)

@@ -198,8 +198,8 @@ class _Monitor:
                 consequence = self.errors[r].startswith(("MeshPeerLost", "MeshTimeout", "SystemExit"))
                 self.outcome.failures.append(RankFailure(r, role, f"raised {self.errors[r]}", root=not consequence))
             elif r not in self.outcome.results:
-                self.outcome.failures.append(RankFailure(r, role, _exit_text(p.exitcode) + " without reporting a result",
-                                                         root=p.exitcode is not None))
+                what = _exit_text(p.exitcode) + " without reporting a result"
+                self.outcome.failures.append(RankFailure(r, role, what, root=p.exitcode is not None))
         return self.outcome
 
 
