@@ -215,3 +215,17 @@ def test_shard_spec_errors():
         ShardSpec("routed", 0, 2, (0, 0, 0))
     with pytest.raises(ValueError, match="cannot share"):
         default_expert_owner(2, 3)
+
+
+def test_unchecked_fast_path_gives_the_same_tokens(tiny):
+    """check_indices=False (the CUDA default: no host syncs for range checks) takes the
+    raw append op; on CPU it must decode exactly like the checked path."""
+    config, weights = tiny
+    out = []
+    for checked in (True, False):
+        nm = Numerics.for_device("cpu", check_indices=checked)
+        src = WeightsSource(weights)
+        w = AttentionWorker(config, src, nm, [0, 1, 2, 3], context=17, steps=3, num_microbatches=3, num_ffn=2)
+        owner = default_expert_owner(config.moe_num_experts, 2)
+        out.append(w.run(LocalFFN(colocated_shards(config, src, nm, "routed", 2, owner)), keep_logits=True))
+    assert torch.equal(out[0].tokens, out[1].tokens) and torch.equal(out[0].logits, out[1].logits)

@@ -186,10 +186,9 @@ class FFNShard:
         else:
             if home is None:
                 raise ValueError("afdkit.runtime: routed MoE layers need each row's home flag")
-            out = torch.zeros_like(u)
-            rows = home.nonzero().flatten()
-            if rows.numel():
-                out[rows] = w.shared(u[rows])
+            # Every received row through the shared expert, kept where this rank is home:
+            # decode is bound by reading weights, and a mask needs no host sync.
+            out = torch.where(home.unsqueeze(-1), w.shared(u), torch.zeros((), dtype=u.dtype, device=u.device))
         local = w.local_of[topk_ids.long()]          # [R, k]: -1 where another rank holds the expert
         if w.fp8 is not None:
             return out + self._experts_fp8(w, u, local, topk_weights).to(out.dtype)

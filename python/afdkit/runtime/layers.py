@@ -113,8 +113,14 @@ class AttentionStack:
         q = rope(q, mb.positions, c.rope_theta, work)
         k = rope(k.reshape(n, 1, hd), mb.positions, c.rope_theta, work)
         cache = kv.layers[layer]
-        mfa.append_kv(k.to(torch.bfloat16).contiguous(), v.reshape(n, 1, hd).to(torch.bfloat16).contiguous(),
-                      cache.k, cache.v, mb.slots, cache.k_scale, cache.v_scale)
+        k_new, v_new = k.to(torch.bfloat16).contiguous(), v.reshape(n, 1, hd).to(torch.bfloat16).contiguous()
+        if nm.check_indices:
+            mfa.append_kv(k_new, v_new, cache.k, cache.v, mb.slots, cache.k_scale, cache.v_scale)
+        else:
+            # The op without the wrapper's checks: their slot range check reads the slots on
+            # the host (a device sync per layer and microbatch). Shapes are fixed by KVState
+            # and the slots come from its block table, so the checks cannot fail here.
+            torch.ops.afdkit.mfa_append_kv(k_new, v_new, cache.k, cache.v, mb.slots, cache.k_scale, cache.v_scale)
         o = mfa.decode(q.to(torch.bfloat16).unsqueeze(1), cache.k, cache.v, mb.block_table, mb.seq_lens,
                        k_scale=cache.k_scale, v_scale=cache.v_scale, softmax_scale=c.softmax_scale, plan=mb.plan,
                        check_indices=nm.check_indices)
