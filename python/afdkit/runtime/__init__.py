@@ -1,0 +1,1 @@
+"""afdkit.runtime: the AFD runtime (workers, pipeline, launcher) and its embedding API."""
