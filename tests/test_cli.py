@@ -19,8 +19,15 @@ def test_demo_decodes_and_prints_the_table(capsys, tmp_path):
     assert "colocated" in out and "tokens/s" in out
     assert out.count("seq ") == 2
     assert "2A1F broadcast" in out and "equal the colocated reference" in out
-    for name in ("afd-trace.json", "afd-timeline.png", "colocated-trace.json"):
+    for name in ("afd-trace.json", "colocated-trace.json"):
         assert (tmp_path / name).stat().st_size > 0, name
+    try:  # the timeline PNG needs matplotlib; without it the demo must say so
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert not (tmp_path / "afd-timeline.png").exists()
+        assert "matplotlib is not installed" in out
+    else:
+        assert (tmp_path / "afd-timeline.png").stat().st_size > 0
     trace = json.loads((tmp_path / "afd-trace.json").read_text())
     names = {e.get("name", "") for e in trace["traceEvents"]}
     assert any(n.startswith("attention L0 mb0") for n in names) and any(n.startswith("ffn L5") for n in names)

@@ -138,6 +138,11 @@ struct Peer {
   Engine* engine = nullptr;             // for the UCX error callback
   std::atomic<bool> notified{false};    // its loss was broadcast to the others
   std::atomic<int> error_status{0};     // the ucs_status_t UCX reported, if any
+  // A same-host peer whose connection broke while its process still runs is only a
+  // suspect: its departure notice may still be on its way (UCX may deliver the disconnect
+  // first). check_liveness() calls it lost once its process ends or a grace time passes.
+  std::atomic<int64_t> suspect_ns{0};
+  std::atomic<int> suspect_status{0};
 };
 
 class Engine {
@@ -221,6 +226,7 @@ class Engine {
 
   // Called by UCX callbacks (file-local trampolines).
   void on_ep_error(int peer, ucs_status_t status);
+  void mark_lost(int peer, ucs_status_t status);  // marks and broadcasts a loss (once)
   void on_put_done(uint64_t tag, int peer, uint64_t nbytes, ucs_status_t status);
 
  private:

@@ -220,6 +220,18 @@ bool Engine::drain_stream_puts() {
 
 void Engine::on_ep_error(int peer, ucs_status_t status) {
   if (peer < 0 || peer >= opt_.world_size || !peers_[peer]) return;
+  // A rank that is closing tears its own endpoints down: errors then say nothing of the peer.
+  if (closed_.load()) return;
+  Peer& p = *peers_[peer];
+  if (p.same_host && !process_gone(p.pid)) {
+    int64_t none = 0;
+    if (p.suspect_ns.compare_exchange_strong(none, now_ns())) p.suspect_status.store(static_cast<int>(status));
+    return;
+  }
+  mark_lost(peer, status);
+}
+
+void Engine::mark_lost(int peer, ucs_status_t status) {
   Peer& p = *peers_[peer];
   auto* word = reinterpret_cast<uint64_t*>(const_cast<uint64_t*>(ctrl_words()) + peer);
   uint64_t expected = 0;
@@ -247,9 +259,15 @@ void Engine::broadcast_state(int subject, PeerState state) {
 }
 
 void Engine::check_liveness() {
+  if (closed_.load()) return;
+  // Grace for a suspect (see Peer::suspect_ns): twice the keepalive, at least a second.
+  const int64_t grace_ns = std::max<int64_t>(1000000000, static_cast<int64_t>(opt_.keepalive_s * 2e9));
   for (int r = 0; r < opt_.world_size; ++r) {
     if (!peers_[r] || !peers_[r]->same_host || ctrl_words()[r] != 0) continue;
-    if (process_gone(peers_[r]->pid)) on_ep_error(r, UCS_ERR_ENDPOINT_TIMEOUT);
+    Peer& p = *peers_[r];
+    const int64_t since = p.suspect_ns.load();
+    const auto status = static_cast<ucs_status_t>(since ? p.suspect_status.load() : UCS_ERR_ENDPOINT_TIMEOUT);
+    if (process_gone(p.pid) || (since && now_ns() - since > grace_ns)) mark_lost(r, status);
   }
 }
 
