@@ -113,7 +113,7 @@ def validate_device(op: str, x: torch.Tensor, device: torch.device) -> None:
 
 def validate_top_k(op: str, topk_ids: torch.Tensor, top_k: int) -> None:
     """The ids' width must be the top-k the dispatcher was built for (it sizes the buffers)."""
-    if topk_ids.dim() == 2 and topk_ids.shape[1] != top_k:
+    if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and topk_ids.shape[1] != top_k:
         raise ValueError(f"{op}: this dispatcher was built for top_k = {top_k}, but 'topk_ids' has "
                          f"{topk_ids.shape[1]} columns")
 
