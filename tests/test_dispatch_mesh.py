@@ -62,8 +62,9 @@ def _experts_apply(out, rank: int, num_local: int, quant: str) -> torch.Tensor:
     return y
 
 
-def _check_one(disp, ctx: RankContext, case: dict, quant: str, seed: int) -> dict:
-    """One dispatch + combine of ``case`` on every rank, checked against the reference."""
+def _check_one(disp, ctx: RankContext, case: dict, quant: str, seed: int, device: str = "cpu") -> dict:
+    """One dispatch + combine of ``case`` on every rank, checked against the reference
+    (computed on CPU; ``device`` is where the dispatcher works)."""
     from afdkit.dispatch.reference import (check_dispatch_output, read_tags, received_rows, reference_combine,
                                            reference_dispatch)
     from afdkit.testing import rel_l2
@@ -71,17 +72,17 @@ def _check_one(disp, ctx: RankContext, case: dict, quant: str, seed: int) -> dic
     E, k, r = case["experts"], case["top_k"], ctx.rank
     xs, ids, ws = _inputs(seed, case["tokens"], E, k, case.get("only"))
     refs = reference_dispatch(xs, ids, ws, E, quant, max_tokens_per_rank=MAX_TOKENS)
-    out = disp.dispatch(xs[r], ids[r], ws[r])
-    what = f"rank {r} {quant} {case['name']}"
+    out = disp.dispatch(xs[r].to(device), ids[r].to(device), ws[r].to(device))
+    what = f"rank {r} {quant} {case['name']} on {device}"
     check_dispatch_output(out, refs[r], quant, what=what)
     n = int(out.offsets[-1])
     h, ref_h = out.handle, refs[r].handle
-    assert torch.equal(h.src_rank, ref_h.src_rank) and torch.equal(h.src_index, ref_h.src_index), what
-    assert torch.equal(h.weight, ref_h.weight), what
+    assert torch.equal(h.src_rank.cpu(), ref_h.src_rank) and torch.equal(h.src_index.cpu(), ref_h.src_index), what
+    assert torch.equal(h.weight.cpu(), ref_h.weight), what
     tag_rank, tag_index = read_tags(received_rows(out, quant))
     assert torch.equal(tag_rank, ref_h.src_rank) and torch.equal(tag_index, ref_h.src_index), what
     local = E // ctx.world_size
-    combined = disp.combine(_experts_apply(out, r, local, quant), out)
+    combined = disp.combine(_experts_apply(out, r, local, quant).to(device), out).cpu()
     ys = [_experts_apply(refs[d], d, local, quant) for d in range(ctx.world_size)]
     want = reference_combine(ys, refs)[r]
     assert combined.dtype == torch.bfloat16 and combined.shape == (case["tokens"][r], HIDDEN), what
@@ -319,3 +320,46 @@ def test_facade_backend_choice() -> None:
             Dispatcher(None, 8, 8, HIDDEN, 2)
     with pytest.raises(ValueError, match="backend 'mesh' takes a connected"):
         choose_backend(None, "mesh")
+
+
+UCX_CUDA_ENV = {"UCX_TLS": "cuda_ipc,cuda_copy,tcp", "UCX_NET_DEVICES": "lo"}
+
+
+def _gpu_scenarios(ctx: RankContext) -> dict:
+    """The dispatcher on CUDA buffers: the mesh's ipc backend (copy engines) or UCX cuda_ipc."""
+    from afdkit.dispatch import MeshDispatcher
+    from afdkit.mesh import Mesh, MeshConfig
+
+    dev = f"cuda:{ctx.rank}"
+    torch.cuda.set_device(ctx.rank)
+    use_ipc = ctx.args["backend"] == "ipc"
+    mesh = Mesh(ctx.rank, ctx.world_size, "ffn", MeshConfig(mesh_id=f"disp-gpu-{ctx.args['backend']}", timeout_s=30,
+                                                            device=ctx.rank if use_ipc else None))
+    mesh.connect(ctx.store(), SECRET)
+    results = {}
+    try:
+        for quant in ("fp8", "none"):
+            for ci, case in enumerate(_cases(ctx.world_size)):
+                disp = MeshDispatcher(mesh, case["experts"], MAX_TOKENS, HIDDEN, case["top_k"], quant, device=dev,
+                                      name=f"{quant}{ci}")
+                for rep in range(2):
+                    results[f"{quant}{ci}.{rep}"] = _check_one(disp, ctx, case, quant, 100 * ci + rep, dev)
+        torch.cuda.synchronize()
+        mesh.check()
+        results["backend"] = mesh.remote(1 - ctx.rank, "dispatch.fp80.din").backend
+    finally:
+        mesh.close()
+    return results
+
+
+@pytest.mark.gpu
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("backend", ["ipc", "ucx"])
+def test_dispatch_combine_on_cuda(backend: str) -> None:
+    """2 GPUs of one host: CUDA buffers, stream-ordered puts; the same exact checks."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs of one host")
+    res = check_all_ok(run_ranks(_gpu_scenarios, ["ffn", "ffn"], args={"backend": backend},
+                                 env=UCX_CUDA_ENV, timeout_s=200))
+    assert [r["backend"] for r in res] == [backend] * 2, res
+    assert sum(r["fp80.0"]["rows"] for r in res) == MAX_TOKENS * 3
