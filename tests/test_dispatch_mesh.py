@@ -172,7 +172,7 @@ def _validation_errors(mesh, ctx: RankContext) -> dict:
     """Bad arguments raise before anything moves; the dispatcher still works afterwards."""
     from afdkit.dispatch import Dispatcher, MeshDispatcher
 
-    E, k, r = 4 * ctx.world_size, 2, ctx.rank
+    E, k = 4 * ctx.world_size, 2
     disp = Dispatcher(mesh, E, 8, HIDDEN, k, name="errors")
     g = torch.Generator().manual_seed(9)
     x = torch.randn(6, HIDDEN, generator=g).to(torch.bfloat16)
@@ -363,3 +363,13 @@ def test_dispatch_combine_on_cuda(backend: str) -> None:
                                  env=UCX_CUDA_ENV, timeout_s=200))
     assert [r["backend"] for r in res] == [backend] * 2, res
     assert sum(r["fp80.0"]["rows"] for r in res) == MAX_TOKENS * 3
+
+
+def test_facade_names_a_missing_ipc_backend(monkeypatch) -> None:
+    import sys
+
+    from afdkit.dispatch import dispatcher
+
+    monkeypatch.setitem(sys.modules, "afdkit.dispatch.ipc", None)  # as if the module were absent
+    with pytest.raises(ImportError, match="CUDA IPC backend .* is not available"):
+        dispatcher._ipc_class()

@@ -424,7 +424,8 @@ class MeshDispatcher:
                 continue
             n = h.recv_rows[s]
             if prev:
-                self._wait(_COMBINE_ACK, s, h.slot, prev, f"the combine slot {h.slot} to be released (call {prev} read)")
+                self._wait(_COMBINE_ACK, s, h.slot, prev,
+                           f"the combine slot {h.slot} to be released (call {prev} read)")
             buf = self._slot_bytes(self._cout, self._combine_cap, s, h.slot)
             self._header(buf, h.seq, n, _MAGIC_COMBINE)
             if n:
