@@ -72,6 +72,13 @@ def _check_one(disp, ctx: RankContext, case: dict, quant: str, seed: int, device
     E, k, r = case["experts"], case["top_k"], ctx.rank
     xs, ids, ws = _inputs(seed, case["tokens"], E, k, case.get("only"))
     refs = reference_dispatch(xs, ids, ws, E, quant, max_tokens_per_rank=MAX_TOKENS)
+    impl = getattr(disp, "impl", disp)
+    for tokens, scales, counts, offsets in impl._out:  # poison: every value read must be written by this call
+        tokens.view(torch.uint8).fill_(0x7F)
+        counts.fill_(-1)
+        offsets.fill_(-1)
+        if scales is not None:
+            scales.fill_(float("nan"))
     out = disp.dispatch(xs[r].to(device), ids[r].to(device), ws[r].to(device))
     what = f"rank {r} {quant} {case['name']} on {device}"
     check_dispatch_output(out, refs[r], quant, what=what)
