@@ -64,6 +64,7 @@ def run_afd_rank(cfg: RunConfig, rank: int, local_rank: int, store: Any, secret:
                  progress: Progress | None = None) -> dict[str, Any]:
     """One attention or FFN worker of an AFD run, connected through the mesh."""
     from afdkit.mesh import Mesh, MeshConfig
+    from afdkit.mesh.bootstrap import barrier
     from afdkit.runtime.connector import AfdConnector, ConnectorConfig
     from afdkit.runtime.ffn import ShardSpec
 
@@ -111,6 +112,9 @@ def run_afd_rank(cfg: RunConfig, rank: int, local_rank: int, store: Any, secret:
         return _result(rank, role, rec, **extra)
     finally:
         if ok:
+            # Close only when every rank is done: an attention rank's last receive still
+            # acknowledges its slot to the FFN ranks, which must not have left by then.
+            barrier(store, mesh_id, "afdkit.run/done", rank, cfg.world_size, cfg.timeout_s)
             mesh.close()
         else:
             try:
