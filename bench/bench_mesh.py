@@ -196,8 +196,52 @@ def _step3(ctx: RankContext) -> dict:
                 rtt.append(time.perf_counter() - t0)
     out = {"p50_us": _pct(rtt, 0.5) * 1e6, "p99_us": _pct(rtt, 0.99) * 1e6,
            "graph_safe": getattr(ch, "graph_safe", False)}
+    if a["gpu"] and ch.graph_safe:
+        out["graph"] = _step3_graph(ch, u, y, per_graph=16, replays=max(10, n // 16))
+        torch.cuda.synchronize()
+        m.check()
     m.close()
     return out
+
+
+def _step3_graph(ch, u: torch.Tensor, y: torch.Tensor, per_graph: int, replays: int) -> dict:
+    """The same round trips captured in one CUDA graph per side (``per_graph`` layers
+    each) and replayed: no host work per message, so this is the transport's own time.
+    Per round trip = replay time / per_graph, timed on attention rank 0's stream."""
+
+    def round_trip(layer: int) -> None:
+        if ch.is_attention:
+            ch.send(layer, 1, u)
+            ch.recv(layer, 1, reduce="views")
+        else:
+            ch.recv_batch_device(layer, 1)
+            ch.send_back(layer, 1, y)
+
+    side = torch.cuda.Stream()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(side):
+        # Eager once per layer parity on the capture stream: allocations and kernels warm,
+        # and the views held by recv(reduce="views") at capture start match those at its
+        # end, so every replay releases exactly the slots the previous one held.
+        round_trip(0)
+        round_trip(1)
+        with torch.cuda.graph(g, stream=side, capture_error_mode="thread_local"):
+            for layer in range(per_graph):
+                round_trip(layer)
+    torch.cuda.synchronize()
+    warm = 3
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(replays + 1)]
+    with torch.cuda.stream(side):
+        for _ in range(warm):
+            g.replay()
+        events[0].record()
+        for i in range(replays):
+            g.replay()
+            events[i + 1].record()
+    torch.cuda.synchronize()
+    per = [events[i].elapsed_time(events[i + 1]) * 1e-3 / per_graph for i in range(replays)]
+    return {"p50_us": _pct(per, 0.5) * 1e6, "p99_us": _pct(per, 0.99) * 1e6, "per_graph": per_graph,
+            "replays": replays}
 
 
 def _step3_profile(ctx: RankContext) -> dict:
@@ -376,6 +420,9 @@ def main(argv: list[str]) -> int:
     p.add_argument("--step3-iters", type=int, default=200)
     p.add_argument("--no-perftest", action="store_true")
     p.add_argument("--no-nccl", action="store_true")
+    p.add_argument("--step3-only", action="store_true",
+                   help="only the Step-3 round trips (and, with --gpu, the profiler check and NCCL)")
+    p.add_argument("--gpu-paths", nargs="+", default=["gpu-ipc", "gpu-ucx"], choices=["gpu-ipc", "gpu-ucx"])
     p.add_argument("--out", help="write all numbers as JSON here")
     args = p.parse_args(argv)
     results: dict[str, Any] = {"sizes": SIZES}
@@ -391,15 +438,17 @@ def main(argv: list[str]) -> int:
         print("--gpu needs 2 GPUs of one host", file=sys.stderr)
         return 2
     base = {"sizes": SIZES, "scale": args.scale, "spin_us": args.spin_us, "gpu": args.gpu}
-    runs = [("gpu-ipc", {}, True), ("gpu-ucx", GPU_UCX_ENV, False)] if args.gpu else \
+    runs = [r for r in (("gpu-ipc", {}, True), ("gpu-ucx", GPU_UCX_ENV, False)) if r[0] in args.gpu_paths] if args.gpu else \
            [(t, UCX_ENVS[t], False) for t in args.transports]
     tables, step3_rows = [], []
     for name, env, ipc in runs:
-        mesh = check_all_ok(run_ranks(_mesh_core, ["attention", "ffn"], args={**base, "ipc": ipc}, env=env,
-                                      timeout_s=600))[0]
-        ref = {} if args.no_perftest else _perftests(env, "cuda" if args.gpu else "host", args.scale, SIZES)
-        results[name] = {"mesh": mesh, "ucx_perftest": ref}
-        tables.append(_table(name, mesh, ref, "perftest"))
+        results[name] = {}
+        if not args.step3_only:
+            mesh = check_all_ok(run_ranks(_mesh_core, ["attention", "ffn"], args={**base, "ipc": ipc}, env=env,
+                                          timeout_s=600))[0]
+            ref = {} if args.no_perftest else _perftests(env, "cuda" if args.gpu else "host", args.scale, SIZES)
+            results[name] = {"mesh": mesh, "ucx_perftest": ref}
+            tables.append(_table(name, mesh, ref, "perftest"))
         for topo, roles in (("1A1F", ["attention", "ffn"]), ("2A2F", ["attention", "attention", "ffn", "ffn"])):
             if args.gpu and gpus < len(roles):
                 step3_rows.append(f"{name:>8} {topo}: skipped ({gpus} GPUs, needs {len(roles)})")
@@ -409,7 +458,11 @@ def main(argv: list[str]) -> int:
                                        timeout_s=600))
             results[name][f"step3_{topo}"] = r[0]
             step3_rows.append(f"{name:>8} {topo}: p50 {r[0]['p50_us']:8.1f} us  p99 {r[0]['p99_us']:8.1f} us"
-                              + ("  (graph-capturable)" if r[0].get("graph_safe") else ""))
+                              + ("  eager, host-issued per message" if args.gpu else ""))
+            if "graph" in r[0]:
+                gr = r[0]["graph"]
+                step3_rows.append(f"{name:>8} {topo}: p50 {gr['p50_us']:8.1f} us  p99 {gr['p99_us']:8.1f} us"
+                                  f"  CUDA graph ({gr['per_graph']} round trips a replay)")
     if args.gpu:
         prof = check_all_ok(run_ranks(_step3_profile, ["attention", "ffn"], args={**base, "ipc": True},
                                       timeout_s=600))
@@ -421,7 +474,8 @@ def main(argv: list[str]) -> int:
             nccl = check_all_ok(run_ranks(_nccl, ["attention", "ffn"], args={**base, "iters": args.step3_iters},
                                           timeout_s=600))[0]
             results["nccl"] = nccl
-            tables.append(_table("gpu-ipc", results["gpu-ipc"]["mesh"], nccl, "nccl"))
+            if "mesh" in results.get("gpu-ipc", {}):
+                tables.append(_table("gpu-ipc", results["gpu-ipc"]["mesh"], nccl, "nccl"))
             s3 = nccl["step3_1A1F"]
             step3_rows.append(f"{'nccl':>8} 1A1F: p50 {s3['p50_us']:8.1f} us  p99 {s3['p99_us']:8.1f} us")
     tables.append("== Step-3 microbatch A->F->A (128 x 7168: 896 KB FP8 out, 1.75 MB BF16 back) ==\n"

@@ -3,7 +3,7 @@
 Needs 2 GPUs of one host (the 2A2F cases 4): ``python3 -m pytest -q tests/test_mesh_gpu_stream.py``.
 
 - content checks of send/recv, recv_batch and recv_batch_device/send_back, broadcast and
-  routed, 1A1F and 2A2F, over ipc and over UCX (cuda_ipc);
+  routed, 1A1F and 2A2F, over ipc; a channel with UCX peers is refused with a clear error;
 - the host is not blocked: recv() returns while the FFN still sleeps;
 - CUDA-graph capture and replay of a whole round trip on both sides;
 - a stream wait that never gets its data ends in MeshTimeout (watchdog), never a hang;
@@ -136,18 +136,34 @@ def _round_trips(ctx: RankContext) -> dict:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("backend", ["ipc", "ucx"])
 @pytest.mark.parametrize("mode", ["broadcast", "routed"])
 @pytest.mark.parametrize("topology", ["1A1F", "2A2F"])
-def test_stream_channel_round_trips(topology: str, mode: str, backend: str) -> None:
+def test_stream_channel_round_trips(topology: str, mode: str) -> None:
     n_att, n_ffn = {"1A1F": (1, 1), "2A2F": (2, 2)}[topology]
     _need_gpus(n_att + n_ffn)
     roles = ["attention"] * n_att + ["ffn"] * n_ffn
-    vals = check_all_ok(run_ranks(_round_trips, roles, args={"mode": mode, "layers": 8, "ipc": backend == "ipc"},
-                                  env={} if backend == "ipc" else UCX_CUDA_ENV, timeout_s=160))
+    vals = check_all_ok(run_ranks(_round_trips, roles, args={"mode": mode, "layers": 8, "ipc": True}, timeout_s=160))
     for v in vals:
         assert v["checked"] == 24
-        assert v["graph_safe"] == (backend == "ipc"), v
+        assert v["graph_safe"], v
+
+
+def _refuses_ucx(ctx: RankContext) -> str:
+    from afdkit.mesh import MeshError
+
+    try:
+        m, ch, dev = _open(ctx, "stream-ucx", ipc=False)
+    except MeshError as exc:
+        return str(exc)
+    m.close()
+    return "accepted"
+
+
+@pytest.mark.timeout(120)
+def test_stream_channel_refuses_ucx_peers() -> None:
+    _need_gpus(2)
+    for msg in check_all_ok(run_ranks(_refuses_ucx, ["attention", "ffn"], env=UCX_CUDA_ENV, timeout_s=100)):
+        assert "needs every peer over CUDA IPC" in msg and "over UCX" in msg, msg
 
 
 def _host_not_blocked(ctx: RankContext) -> float:

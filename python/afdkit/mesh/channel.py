@@ -228,8 +228,46 @@ class AfdChannel:
         self._remote_sig = {p: mesh.remote(p, self._sig_name).handle for p in self._peers}
         self._eng = eng
         self._fp = FlagProtocol(self, self._sig_name) if self.stream_ordered else None
+        if self._fp is not None:
+            self._warm_up_stream_kernels()
 
     _tag = staticmethod(tag_of)
+
+    def _warm_up_stream_kernels(self) -> None:
+        """Runs, once and on this rank's own memory, every kernel the stream-ordered
+        calls launch, with the channel's real shapes.
+
+        Why: with CUDA lazy loading (torch's default) the first launch of a kernel loads
+        it, and loading synchronizes the context. If that happens while this rank's
+        stream waits on a flag, the host blocks until the flag arrives -- and while it
+        blocks, this process's progress thread cannot make CUDA calls either (UCX puts,
+        the watchdog's release), so a UCX peer or a timed-out wait deadlocks. Loading
+        the channel's kernels here, before any wait is queued, removes that. Kernels of
+        the caller's own code have the same hazard (docs/mesh.md)."""
+        T = self.config.max_tokens
+        rows = torch.arange(min(T, 2), device=self.config.device)
+        if self.is_attention:
+            _, views = self._fp.views(0, self.bwd, T)
+            parts = [(None, [v[0, :T] for v in views]), (rows, [v[0, : rows.numel()] for v in views])]
+            self._reduce_sum(parts, T)
+            [c.clone() for _, cs in parts for c in cs]
+            for s in self.config.send:
+                t = torch.zeros((T, *s.shape), dtype=s.dtype, device=self.config.device)
+                t.contiguous().index_select(0, rows)
+                self._out[: t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+            rows.to(torch.int32)
+        else:
+            idx_v, views = self._fp.views(0, self.fwd, T)
+            n, chk = self._fp.counts(0, self.fwd)
+            torch.stack([n, chk]).cpu()
+            [torch.cat([v[a, :T] for a in range(v.shape[0])]) for v in views]
+            if idx_v is not None:
+                idx_v[0, :T].to(torch.int64)
+            for s in self.config.recv:
+                t = torch.zeros((T, *s.shape), dtype=s.dtype, device=self.config.device)
+                t.contiguous()
+                self._out[: t.numel() * t.element_size()].copy_(t.reshape(-1).view(torch.uint8))
+        torch.cuda.synchronize(self.config.device)
 
     def _out_slot(self, pi: int, k: int, layout: _Layout) -> torch.Tensor:
         """This rank's own staging slot for peer pi's slot k (stream-ordered protocol)."""

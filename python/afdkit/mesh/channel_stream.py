@@ -11,10 +11,12 @@ never waits and no kernel spins:
   replays a layer's exchange correctly any number of times.
 - **one call per message and peer.** ``Engine.put_message`` queues the credit wait,
   the copies of every tensor straight from the caller's tensors into the peer's slot
-  (``cudaMemcpyAsync`` on copy engines over NVLink for ``ipc`` peers; UCX peers get the
-  rows packed into this rank's out slot first, because their puts are posted later by
-  the progress thread), two header words (row count, a layer/microbatch check word)
-  and the ``full`` flag, in that order.
+  (``cudaMemcpyAsync`` on copy engines over NVLink), two header words (row count, a
+  layer/microbatch check word) and the ``full`` flag, in that order.
+- **ipc peers only.** Every peer must be reached over CUDA IPC; a channel with UCX
+  peers is refused at construction (their puts, issued by the progress thread, can
+  queue behind this rank's own stream waits and deadlock) -- they use the host-waited
+  protocol (``stream_ordered=False``).
 - **fixed layout.** Sections sit at the offsets of a ``max_tokens`` message whatever the
   row count, so a slot is also a fixed-size view: :meth:`AfdChannel.recv_batch_device`
   hands out ``[n_attention, max_tokens, ...]`` views and the row counts as a device
@@ -96,6 +98,15 @@ class FlagProtocol:
         self.remote_flags = {p: r.handle for p, r in remote_flags.items()}
         # The engine uses ipc only when both the slot and the flag region are mapped.
         self.ipc = {p: self.remote_in[p].backend == "ipc" and remote_flags[p].backend == "ipc" for p in ch._peers}
+        ucx = [p for p in ch._peers if not self.ipc[p]]
+        if ucx:
+            eng.unwatch_flags(self.watch)
+            raise MeshError(
+                f"afdkit.mesh.AfdChannel: stream_ordered=True needs every peer over CUDA IPC (GPUs of one host, "
+                f"MeshConfig.device set on every rank), but rank {mesh.rank} reaches ranks {ucx} over UCX. "
+                "Stream-ordered puts to UCX peers are refused: UCX issues their CUDA copies from the progress "
+                "thread, and those can queue behind this rank's own stream waits (a deadlock seen on H200s). "
+                "Use stream_ordered=False (the host-waited protocol) with UCX peers")
         self.held = [[False] * K for _ in range(P)]  # in-slots handed out as views, not yet released
         self.peers_of_peer = len(ch.att if ch.is_attention else ch.ffn)
 

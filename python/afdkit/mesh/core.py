@@ -119,7 +119,10 @@ class Mesh:
         self._check_setup(name)
         device = torch.device(device)
         if device.type == "cuda":
-            return self.register(name, torch.zeros(nbytes, dtype=torch.uint8, device=device))
+            buf = torch.zeros(nbytes, dtype=torch.uint8, device=device)
+            # The zeros must have landed before a peer can learn the address and write into it.
+            torch.cuda.synchronize(device)
+            return self.register(name, buf)
         rid = self._engine.allocate_host(int(nbytes))
         tensor = torch.from_dlpack(self._engine.host_view(rid))
         self._local[name] = _Local(rid, tensor, int(nbytes), False)
