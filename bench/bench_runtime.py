@@ -72,7 +72,8 @@ def _row(res: dict[str, Any], gpus: int) -> dict[str, Any]:
     layers = s["layers"]
     per_layer_us = s["tpot_p50_ms"] * 1e3 / layers
     eq61 = s["tokens_per_s_per_gpu"] * layers / STEP3_LAYERS
-    return {"mode": s["mode"], "topology": s["topology"], "gpus": gpus, "layers": layers, "batch": c["batch"],
+    mode = s["mode"] + (" (stream)" if c.get("channel") == "stream" and not c.get("colocated") else "")
+    return {"mode": mode, "topology": s["topology"], "gpus": gpus, "layers": layers, "batch": c["batch"],
             "context": c["context"], "tpot_p50_ms": s["tpot_p50_ms"], "tpot_p99_ms": s["tpot_p99_ms"],
             "tpot_per_layer_us": per_layer_us, "tokens_per_s": s["tokens_per_s"],
             "tokens_per_s_per_gpu": s["tokens_per_s_per_gpu"], "eq61_tokens_per_s_per_gpu": eq61,
@@ -116,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--routing", choices=["broadcast", "routed"], default="broadcast")
+    p.add_argument("--channels", nargs="+", choices=["host", "stream"], default=["host"],
+                   help="AFD channel protocols to run (each gets its own AFD row)")
     p.add_argument("--timeout", type=float, default=120.0, help="mesh timeout per run")
     p.add_argument("--out", default="bench_runtime.json")
     args = p.parse_args(argv)
@@ -147,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"skip {top}: needs {m + n} GPUs, the run uses {gpus}")
             continue
         for per in args.batches:
-            plans = [dataclasses.replace(base, attention=m, ffn=n, batch=per * m),
-                     dataclasses.replace(base, attention=m, ffn=n, batch=per * gpus, colocated=True)]
+            plans = [dataclasses.replace(base, attention=m, ffn=n, batch=per * m, channel=ch) for ch in args.channels]
+            plans.append(dataclasses.replace(base, attention=m, ffn=n, batch=per * gpus, colocated=True))
             for cfg in plans:
                 print(f"-> {'colocated' if cfg.colocated else top} batch {cfg.batch} ...", flush=True)
                 try:

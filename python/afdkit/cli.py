@@ -38,7 +38,8 @@ def _run_config(args: argparse.Namespace, **override: Any) -> Any:
                   context=args.context, steps=args.steps, microbatches=args.microbatches, routing=args.routing,
                   device=args.device, colocated=getattr(args, "colocated", False), seed=args.seed,
                   checkpoint=getattr(args, "checkpoint", None), warmup_steps=args.warmup_steps,
-                  timeout_s=args.timeout, transport=args.transport, trace=not getattr(args, "no_trace", False))
+                  timeout_s=args.timeout, transport=args.transport, trace=not getattr(args, "no_trace", False),
+                  channel=getattr(args, "channel", "host"))
     fields.update(override)
     return RunConfig(**fields)
 
@@ -281,6 +282,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--check", action="store_true", help="compare the tokens with the in-process colocated model")
     run.add_argument("--checkpoint", help="safetensors file or folder with Step-3 tensor names")
     run.add_argument("--no-trace", action="store_true", help="no mesh message tracing")
+    run.add_argument("--channel", choices=["host", "stream"], default="host",
+                     help="GPU AFD channel: host-waited (default) or stream-ordered (GPUs of one host)")
     run.set_defaults(func=_cmd_run)
 
     bench = sub.add_parser("bench", help="run a part's benchmark (mfa, moe, mesh, runtime)")

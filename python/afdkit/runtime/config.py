@@ -32,6 +32,7 @@ class RunConfig:
     timeout_s: float = 30.0       # mesh timeout: how long a wait may last before it fails
     transport: str = "shm"        # CPU UCX transport for local runs ("auto": UCX decides)
     trace: bool = True            # mesh message tracing (transfer times, Chrome trace)
+    channel: str = "host"         # GPU AFD channel: "host" (host-waited) or "stream" (stream-ordered, ipc)
 
     def validate(self) -> None:
         """Raises ValueError with a message fit for a usage error."""
@@ -45,6 +46,9 @@ class RunConfig:
         need(self.routing in MODES, f"--routing must be one of {MODES}, got {self.routing!r}")
         need(self.device in ("cpu", "cuda"), f"--device must be 'cpu' or 'cuda', got {self.device!r}")
         need(self.transport in TRANSPORTS, f"--transport must be one of {TRANSPORTS}, got {self.transport!r}")
+        need(self.channel in ("host", "stream"), f"--channel must be 'host' or 'stream', got {self.channel!r}")
+        need(self.channel == "host" or self.device == "cuda",
+             "--channel stream needs --device cuda (the stream-ordered protocol runs on CUDA streams)")
         for name in ("batch", "steps", "microbatches"):
             need(getattr(self, name) >= 1, f"--{name} must be >= 1, got {getattr(self, name)}")
         need(self.context >= 0, f"--context must be >= 0, got {self.context}")

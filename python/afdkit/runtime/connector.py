@@ -50,6 +50,7 @@ class ConnectorConfig:
     name: str = "afd"
     timeout_s: float | None = None        # default: the mesh's
     num_layers: int | None = None         # when set, layer ids are range-checked
+    stream_ordered: bool = False          # CUDA, peers over ipc: the stream-ordered channel protocol
 
     def __post_init__(self) -> None:
         if self.hidden_size <= 0 or self.hidden_size % WIRE_GROUP:
@@ -68,7 +69,8 @@ class ConnectorConfig:
         recv = (TensorSpec("y", (h,), torch.bfloat16),)
         return ChannelConfig(max_tokens=self.max_tokens, send=send, recv=recv, mode=self.mode,
                              num_microbatches=self.num_stages, name=self.name, device=self.device,
-                             timeout_s=self.timeout_s, num_layers=self.num_layers)
+                             timeout_s=self.timeout_s, num_layers=self.num_layers,
+                             stream_ordered=self.stream_ordered)
 
 
 @dataclass(frozen=True)

@@ -96,7 +96,8 @@ def run_afd_rank(cfg: RunConfig, rank: int, local_rank: int, store: Any, secret:
         conn = AfdConnector(mesh, ConnectorConfig(
             hidden_size=config.hidden_size, top_k=config.moe_top_k, max_tokens=max_rows,
             num_stages=cfg.microbatches, mode=cfg.routing, expert_owner=cfg.expert_owner() or None,
-            device=str(numerics.device), num_layers=config.num_hidden_layers))
+            device=str(numerics.device), num_layers=config.num_hidden_layers,
+            stream_ordered=cfg.channel == "stream"))
         t0 = time.monotonic_ns()
         if isinstance(worker, AttentionWorker):
             res = worker.run(RemoteFFN(conn), on_step=on_step)
