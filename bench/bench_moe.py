@@ -14,10 +14,11 @@ random routing drawn from one seed on every rank): dispatch (send + receive) and
 combine are captured in two CUDA graphs and replayed alternately, timed with CUDA
 events around each replay after a barrier; the median over iterations is reported (the
 slowest rank's). GB/s counts the bytes a rank stores into other GPUs (NVLink): per
-token and destination rank one row of FP8 codes + scales + top-k meta in dispatch, one
-bf16 row in combine. The baseline moves the same per-destination byte counts (its own
-rank's included, as ours) with torch.distributed.all_to_all_single in the same run;
-"nccl/ours" > 1 means the IPC dispatcher is faster.
+token and destination rank one row of FP8 codes + scales, plus every token's top-k ids
+and weights at every rank, in dispatch; one bf16 row per token and rank in combine.
+The baseline moves the same per-destination byte counts (its own rank's included, as
+ours) with torch.distributed.all_to_all_single in the same run; "nccl/ours" > 1 means
+the IPC dispatcher is faster.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ def _routing(ranks: int, tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]
     return [random_routing(tokens, TOP_K, EXPERTS, g) for _ in range(ranks)]
 
 
-def _split_bytes(routes: list[tuple[torch.Tensor, torch.Tensor]], ranks: int) -> tuple[list[list[int]], list[list[int]]]:
-    """dispatch[s][d]: bytes rank s stores at rank d; combine[d][s]: bytes rank d stores at s."""
+def _split_bytes(routes: list[tuple[torch.Tensor, torch.Tensor]],
+                 ranks: int) -> tuple[list[list[int]], list[list[int]]]:
+    """dispatch[s][d]: bytes rank s stores at rank d; combine[d][s]: bytes rank d stores at s.
+
+    Dispatch: FP8 codes + scales per token and destination rank, and the top-k ids and
+    weights of every token at every rank (receivers scan them); combine: one bf16 row per
+    token and rank owning one of its experts."""
     local = EXPERTS // ranks
-    row = HIDDEN + 4 * (HIDDEN // 128) + 8 * TOP_K  # codes + scales + ids and weights
+    payload, meta = HIDDEN + 4 * (HIDDEN // 128), 8 * TOP_K
     dispatch = [[0] * ranks for _ in range(ranks)]
     combine = [[0] * ranks for _ in range(ranks)]
     for s, (ids, _) in enumerate(routes):
@@ -51,7 +57,7 @@ def _split_bytes(routes: list[tuple[torch.Tensor, torch.Tensor]], ranks: int) ->
         dest.scatter_(1, ids.long() // local, True)
         per_rank = dest.sum(0).tolist()
         for d in range(ranks):
-            dispatch[s][d] = row * per_rank[d]
+            dispatch[s][d] = payload * per_rank[d] + meta * ids.shape[0]
             combine[d][s] = 2 * HIDDEN * per_rank[d]
     return dispatch, combine
 

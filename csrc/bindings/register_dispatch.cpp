@@ -99,7 +99,8 @@ class Plan {
 
   void dispatch_send(int slot, py::handle x_obj, py::handle ids_obj, py::handle w_obj, std::uintptr_t stream) {
     const Config& c = common_.cfg;
-    Borrowed x = borrow(x_obj, kOp, "x"), ids = borrow(ids_obj, kOp, "topk_ids"), w = borrow(w_obj, kOp, "topk_weights");
+    Borrowed x = borrow(x_obj, kOp, "x"), ids = borrow(ids_obj, kOp, "topk_ids");
+    Borrowed w = borrow(w_obj, kOp, "topk_weights");
     check(kOp, "x", *x).dtype(DType::kBFloat16).ndim(2).size(1, c.hidden, "hidden").contiguous().on(device_);
     const int64_t tokens = x->size(0);
     check(kOp, "topk_ids", *ids).dtype_in({DType::kInt32, DType::kInt64}).shape({tokens, c.top_k}).contiguous()

@@ -117,6 +117,20 @@ __device__ void send_bf16(const __nv_bfloat16* xrow, const SendShared& s, int be
   }
 }
 
+// The token's ids and weights go to EVERY rank, also those that own none of its experts:
+// a receiver scans the meta of all rows t < T of a source to find its tokens, so no row
+// may keep the ids of an earlier call (a few bytes per rank and token; the codes and
+// scales go to the destinations only).
+__device__ void store_meta(const Common& c, const SendShared& s, int t) {
+  const Config& cfg = c.cfg;
+  for (int i = threadIdx.x; i < cfg.ranks * cfg.top_k; i += blockDim.x) {
+    const int r = i / cfg.top_k, j = i - r * cfg.top_k;
+    uint8_t* meta = dev::recv_row(cfg, dev::slot_base(c, r), cfg.rank, t) + cfg.layout.meta_offset;
+    reinterpret_cast<int32_t*>(meta)[j] = s.ids[j];
+    reinterpret_cast<float*>(meta)[cfg.top_k + j] = s.weights[j];
+  }
+}
+
 // Last block: clear this rank's combine flags of the slot's previous call (every rank's
 // combine_recv of that call is done: each got here only after a peer saw our flag...
 // see docs/moe.md), then announce T + 1 to every rank, own included.
@@ -141,14 +155,7 @@ __global__ void __launch_bounds__(kSendThreads) dispatch_send_kernel(Common c, D
   if (t < a.tokens) {
     if (threadIdx.x == 0) plan_token(c, a, t, s);
     __syncthreads();
-    if (blockIdx.y == 0 && threadIdx.x < cfg.top_k) {
-      const int j = threadIdx.x;
-      for (int d = 0; d < s.ndest; ++d) {
-        uint8_t* meta = s.rows[d] + cfg.layout.meta_offset;
-        reinterpret_cast<int32_t*>(meta)[j] = s.ids[j];
-        reinterpret_cast<float*>(meta)[cfg.top_k + j] = s.weights[j];
-      }
-    }
+    if (blockIdx.y == 0) store_meta(c, s, t);
     const auto* xrow = static_cast<const __nv_bfloat16*>(a.x) + static_cast<int64_t>(t) * cfg.hidden;
     const int begin = blockIdx.y * kSendChunk;
     const int end = min(cfg.hidden, begin + kSendChunk);

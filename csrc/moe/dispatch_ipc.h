@@ -5,9 +5,10 @@
 // layout of a buffer is computed in one place, afdkit.dispatch.ipc.ipc_layout (Python),
 // and handed over as `Layout`; docs/moe.md ("CUDA IPC backend") describes the protocol
 // and why one buffer set per in-flight dispatch suffices. Per call (on one stream):
-//   dispatch_send  quantize each token once, store it (+ top-k meta) into the receive
-//                  area of every rank owning one of its experts; the last block resets
-//                  this rank's combine flags and sets flag = T + 1 at every rank.
+//   dispatch_send  quantize each token once, store it into the receive area of every
+//                  rank owning one of its experts (its top-k meta into every rank's);
+//                  the last block resets this rank's combine flags and sets flag = T + 1
+//                  at every rank.
 //   dispatch_recv  wait for all dispatch flags (bounded), lay the rows out expert-major
 //                  ((local expert, source rank, source index) order) into fixed buffers.
 //   combine_send   per received token, sum its local rows weighted in fp32 (ascending
