@@ -25,5 +25,6 @@ PYBIND11_MODULE(_C, m) {
   afdkit::bindings::register_quant(m);
   afdkit::bindings::register_mesh(m);
   afdkit::bindings::register_moe(m);
+  afdkit::bindings::register_dispatch(m);
   afdkit::bindings::register_mfa(m);
 }

@@ -14,6 +14,7 @@ void register_common(py::module_& m);
 void register_quant(py::module_& m);
 void register_mesh(py::module_& m);
 void register_moe(py::module_& m);
+void register_dispatch(py::module_& m);
 void register_mfa(py::module_& m);
 
 // Streams cross the boundary as integers (torch.cuda.Stream.cuda_stream).

@@ -3,6 +3,8 @@
 - :class:`Dispatcher`: the public facade; a Mesh selects the mesh backend, a
   torch.distributed group the CUDA IPC backend.
 - :class:`MeshDispatcher` (``mesh_backend``): over :class:`afdkit.mesh.Mesh` (CPU, cross-host).
+- :class:`IpcDispatcher` (``ipc``): over CUDA IPC between the GPUs of one host (NVLink);
+  ``ipc_layout`` computes its buffer layout.
 - ``validate``: argument checks shared by the backends; ``reference``: the single-process oracle.
 
 The backends import the native extension lazily (through afdkit.mesh), so the contract,
@@ -19,13 +21,20 @@ from afdkit.dispatch.types import DispatchOutput
 from afdkit.dispatch.validate import validate_combine, validate_dispatch
 
 
+_IPC_NAMES = ("IpcDispatcher", "IpcHandle", "IpcLayout", "IpcError", "IpcTimeout", "ipc_layout")
+
+
 def __getattr__(name: str) -> Any:
     if name in ("MeshDispatcher", "MeshHandle"):
         from afdkit.dispatch import mesh_backend
 
         return getattr(mesh_backend, name)
+    if name in _IPC_NAMES:
+        from afdkit.dispatch import ipc
+
+        return getattr(ipc, name)
     raise AttributeError(f"module 'afdkit.dispatch' has no attribute {name!r}")
 
 
 __all__ = ["DispatchOutput", "Dispatcher", "MeshDispatcher", "MeshHandle", "choose_backend", "BACKENDS",
-           "validate_dispatch", "validate_combine", "reference_dispatch", "reference_combine"]
+           "validate_dispatch", "validate_combine", "reference_dispatch", "reference_combine", *_IPC_NAMES]
