@@ -62,6 +62,13 @@ def _split_bytes(routes: list[tuple[torch.Tensor, torch.Tensor]],
     return dispatch, combine
 
 
+def _hold_stream(iters: int) -> None:
+    """Keeps the GPU busy while the host queues the timed iterations, so that the events
+    time the device work and not how fast Python issues graph replays and event records
+    (without it, a host slower than the exchange shows up as idle time between events)."""
+    torch.cuda._sleep(int(min(iters * 60e-6, 1.0) * 2e9))
+
+
 def _median_ms(pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float:
     return statistics.median(a.elapsed_time(b) for a, b in pairs)
 
@@ -87,6 +94,7 @@ def _time_ipc(disp: Any, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, it
         g_combine.replay()
     torch.cuda.synchronize()
     dist.barrier()
+    _hold_stream(iters)
     ev = [[torch.cuda.Event(enable_timing=True) for _ in range(3)] for _ in range(iters)]
     for e in ev:
         e[0].record()
@@ -109,6 +117,7 @@ def _time_nccl(send: list[int], recv: list[int], iters: int) -> float:
         dist.all_to_all_single(out, inp, recv, send)
     torch.cuda.synchronize()
     dist.barrier()
+    _hold_stream(iters)
     pairs = []
     for _ in range(iters):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
