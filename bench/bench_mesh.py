@@ -55,7 +55,7 @@ def _open_mesh(ctx: RankContext, mesh_id: str, ipc: bool):
     if a["gpu"]:
         torch.cuda.set_device(dev)
     m = Mesh(ctx.rank, ctx.world_size, ctx.role,
-             MeshConfig(mesh_id=mesh_id, timeout_s=60, spin_us=a["spin_us"],
+             MeshConfig(mesh_id=mesh_id, timeout_s=60, spin_us=a["spin_us"], ucx_options=dict(a.get("ucx_options", {})),
                         device=ctx.rank if a["gpu"] and ipc else None))
     return m, dev
 
@@ -373,12 +373,15 @@ def main(argv: list[str]) -> int:
     p.add_argument("--gpu", action="store_true", help="GPU buffers: ipc, UCX cuda_ipc and NCCL (2 GPUs; 2A2F: 4)")
     p.add_argument("--scale", type=float, default=1.0, help="multiplies the iteration counts")
     p.add_argument("--spin-us", type=int, default=200, help="MeshConfig.spin_us of the benchmarked ranks")
-    p.add_argument("--step3-iters", type=int, default=200)
+    p.add_argument("--step3-iters", type=int, default=200, help="0: skip the Step-3 round trips")
+    p.add_argument("--sizes", type=int, nargs="+", default=SIZES, help="message sizes in bytes")
+    p.add_argument("--ucx-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="MeshConfig.ucx_options of the benchmarked ranks (perftest gets UCX_KEY=VALUE)")
     p.add_argument("--no-perftest", action="store_true")
     p.add_argument("--no-nccl", action="store_true")
     p.add_argument("--out", help="write all numbers as JSON here")
     args = p.parse_args(argv)
-    results: dict[str, Any] = {"sizes": SIZES}
+    results: dict[str, Any] = {"sizes": args.sizes}
     try:
         from afdkit.bench.common import environment
 
@@ -390,17 +393,22 @@ def main(argv: list[str]) -> int:
     if args.gpu and gpus < 2:
         print("--gpu needs 2 GPUs of one host", file=sys.stderr)
         return 2
-    base = {"sizes": SIZES, "scale": args.scale, "spin_us": args.spin_us, "gpu": args.gpu}
+    ucx_options = dict(o.split("=", 1) for o in args.ucx_option)
+    base = {"sizes": args.sizes, "scale": args.scale, "spin_us": args.spin_us, "gpu": args.gpu,
+            "ucx_options": ucx_options}
     runs = [("gpu-ipc", {}, True), ("gpu-ucx", GPU_UCX_ENV, False)] if args.gpu else \
            [(t, UCX_ENVS[t], False) for t in args.transports]
     tables, step3_rows = [], []
     for name, env, ipc in runs:
         mesh = check_all_ok(run_ranks(_mesh_core, ["attention", "ffn"], args={**base, "ipc": ipc}, env=env,
                                       timeout_s=600))[0]
-        ref = {} if args.no_perftest else _perftests(env, "cuda" if args.gpu else "host", args.scale, SIZES)
+        penv = dict(env, **{f"UCX_{k}": v for k, v in ucx_options.items()})
+        ref = {} if args.no_perftest else _perftests(penv, "cuda" if args.gpu else "host", args.scale, args.sizes)
         results[name] = {"mesh": mesh, "ucx_perftest": ref}
         tables.append(_table(name, mesh, ref, "perftest"))
         for topo, roles in (("1A1F", ["attention", "ffn"]), ("2A2F", ["attention", "attention", "ffn", "ffn"])):
+            if args.step3_iters <= 0:
+                continue
             if args.gpu and gpus < len(roles):
                 step3_rows.append(f"{name:>8} {topo}: skipped ({gpus} GPUs, needs {len(roles)})")
                 continue

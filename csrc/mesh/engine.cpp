@@ -9,7 +9,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <strings.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <ucs/config/global_opts.h>
@@ -51,6 +54,24 @@ void ucx_check(ucs_status_t s, const char* what) {
   if (s != UCS_OK) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: ", what, " failed: ", ucs_status_string(s));
 }
 
+// Whether UCX_<key> is set in the environment or in the engine's ucx_options.
+bool user_sets_ucx_option(const EngineOptions& o, const std::string& key) {
+  if (std::getenv(("UCX_" + key).c_str())) return true;
+  for (const auto& kv : o.ucx_options)
+    if (kv.first == key) return true;
+  return false;
+}
+
+// Whether UCX_<key> is set (options win over the environment) to a value starting with `prefix`
+// (case-insensitive), e.g. PROTO_ENABLE=n / no.
+bool ucx_option_is(const EngineOptions& o, const std::string& key, const std::string& prefix) {
+  const char* env = std::getenv(("UCX_" + key).c_str());
+  std::string v = env ? env : "";
+  for (const auto& kv : o.ucx_options)
+    if (kv.first == key) v = kv.second;
+  return !v.empty() && strncasecmp(v.c_str(), prefix.c_str(), prefix.size()) == 0;
+}
+
 ucp_context_h make_context(const EngineOptions& o) {
   ucp_config_t* cfg = nullptr;
   ucx_check(ucp_config_read(nullptr, nullptr, &cfg), "ucp_config_read");
@@ -58,6 +79,14 @@ ucp_context_h make_context(const EngineOptions& o) {
   char ka[32];
   std::snprintf(ka, sizeof(ka), "%dms", std::max(1, static_cast<int>(o.keepalive_s * 1000)));
   ucp_config_modify(cfg, "KEEPALIVE_INTERVAL", ka);
+  // Fences per endpoint (UCX_FENCE_MODE=ep_based) unless the caller chose a mode: a
+  // signal put then costs a weak fence where it shares a lane with the data before it
+  // (tcp: one socket, in order) and a strong one (remote completion) only where it does
+  // not (shm: bulk data on cma, the signal on posix). The default "auto" is strong
+  // whenever UCX's new protocols are on, i.e. always: over tcp every signal waited a
+  // whole round trip for the data's remote completion first (~3 one-way trips per message).
+  if (!user_sets_ucx_option(o, "FENCE_MODE") && !ucx_option_is(o, "PROTO_ENABLE", "n"))
+    ucp_config_modify(cfg, "FENCE_MODE", "ep_based");  // unknown to an old UCX: keep its default
   for (const auto& [k, v] : o.ucx_options) {
     if (ucp_config_modify(cfg, k.c_str(), v.c_str()) != UCS_OK) {
       ucp_config_release(cfg);
