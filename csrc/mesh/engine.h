@@ -45,7 +45,11 @@ struct EngineOptions {
   int world_size = 1;
   int device = -1;               // local CUDA device for IPC mappings and events; -1: none
   double keepalive_s = 1.0;      // UCX keepalive, and the liveness check of same-host peers
-  int spin_us = 50;              // spin this long after activity before backing off / sleeping
+  // Host waits poll (driving the UCX worker themselves) while traffic is recent: until
+  // `spin_us` passed without the word changing or the worker making progress; then they
+  // sleep with a bounded backoff and the progress thread, which blocks on the UCX event fd
+  // when idle, takes over. The progress thread also polls `spin_us` after its last activity.
+  int spin_us = 50;
   int max_sleep_us = 200;        // cap of the adaptive backoff of host waits
   size_t trace_capacity = 1 << 16;
   std::vector<std::pair<std::string, std::string>> ucx_options;  // ucp_config_modify pairs, e.g. TLS=tcp
@@ -54,6 +58,27 @@ struct EngineOptions {
   // own process check finds dead peers), or "auto" (peer, falling back to none for
   // same-host peers that no transport with failure handling reaches).
   std::string err_mode = "auto";
+  // Over endpoints whose RMA UCX emulates with active messages (tcp), a put + signal of
+  // up to this many bytes travels as ONE active message that the receiver's progress
+  // writes (data, then the signal): one send instead of two, no remote-completion
+  // messages. 0 disables it. Set through ucx_options {"AFDKIT_FUSED_MAX_BYTES": "N"}.
+  size_t fused_max_bytes = 64 << 10;
+};
+
+class Engine;
+
+// What a UCX request carries to its completion callback; pooled by the engine. `word`
+// is the source of signal/control writes and `hdr` the header of a fused message: both
+// must outlive the request.
+struct OpCtx {
+  Engine* engine = nullptr;
+  uint64_t tag = 0;
+  int peer = -1;
+  uint64_t nbytes = 0;
+  bool traced = false;
+  bool fused = false;
+  uint64_t word = 0;
+  uint64_t hdr[3] = {0, 0, 0};  // fused: data address, signal address, signal value
 };
 
 struct PutOp {
@@ -124,8 +149,6 @@ struct RemoteRegion {
   void* ipc_base = nullptr;  // what cudaIpcCloseMemHandle takes
 };
 
-class Engine;
-
 struct Peer {
   int rank = -1;
   std::string label;  // "rank 3 (ffn)" in messages
@@ -143,6 +166,11 @@ struct Peer {
   // first). check_liveness() calls it lost once its process ends or a grace time passes.
   std::atomic<int64_t> suspect_ns{0};
   std::atomic<int> suspect_status{0};
+  // Fused messages (EngineOptions::fused_max_bytes) go to this peer; the requests to it
+  // still in flight, RMA and fused (both only touched under the UCX mutex).
+  bool fused = false;
+  int rma_in_flight = 0;
+  int fused_in_flight = 0;
 };
 
 class Engine {
@@ -197,6 +225,7 @@ class Engine {
   // which flag since when; past `timeout_s` (or once a peer is lost) it releases the
   // stream by storing kFlagReleased and poisons the engine like wait_stream's watchdog.
   static constexpr uint64_t kFlagReleased = 2;
+  static constexpr unsigned kFusedAmId = 0x61f;  // active-message id of fused put + signal messages
   int watch_flags(uint64_t* flags, int n, const std::vector<int>& peers, const std::vector<std::string>& labels,
                   double timeout_s);
   void unwatch_flags(int id);
@@ -228,6 +257,11 @@ class Engine {
   void on_ep_error(int peer, ucs_status_t status);
   void mark_lost(int peer, ucs_status_t status);  // marks and broadcasts a loss (once)
   void on_put_done(uint64_t tag, int peer, uint64_t nbytes, ucs_status_t status);
+  // A request finished: accounting, then its context back to the pool (UCX mutex held).
+  void on_request_done(OpCtx* ctx, ucs_status_t status);
+  // A fused message arrived (progress under the UCX mutex): data, then the signal.
+  ucs_status_t on_fused_message(const void* header, size_t header_length, const void* data, size_t length,
+                                bool rndv);
 
  private:
   // Holds the UCX mutex; announces the caller so that the progress thread yields.
@@ -276,7 +310,21 @@ class Engine {
   void watch_flag_waits(int64_t now);
   const RemoteRegion& remote_ref(Peer& p, int region, size_t offset, size_t nbytes, const char* what);
   // *_locked: the caller holds the UCX mutex.
+  using Words = std::vector<std::pair<size_t, uint64_t>>;
   void post_ucx_locked(const MessageOp& op);
+  void post_locked(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                   size_t sig_offset, uint64_t sig_value, uint64_t tag);
+  // UcxLock + post_locked; a lost peer's error names the root cause where it can.
+  void post_now(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                size_t sig_offset, uint64_t sig_value, uint64_t tag);
+  // Sends one fused message (seg may be null: a signal only); true while in flight.
+  bool post_fused_locked(Peer& p, const RemoteRegion* data, const Segment* seg, const RemoteRegion& sig,
+                         size_t sig_offset, uint64_t value, uint64_t tag);
+  void drain_fused_locked(Peer& p);
+  bool issue_put_locked(Peer& p, const void* src, size_t n, uintptr_t raddr, ucp_rkey_h rkey, OpCtx* ctx);
+  OpCtx* take_ctx();
+  bool host_range_registered(uintptr_t addr, size_t n) const;
+  bool fused_transport(ucp_ep_h ep);
   void post_ipc(const MessageOp& op, Peer& p);
   void post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag);
   void progress_loop();
@@ -287,6 +335,8 @@ class Engine {
   void broadcast_state(int subject, PeerState state);
   void check_liveness();
   void wake();
+  void unpark();  // ends the progress thread's step-aside (see progress_loop)
+  void park(int timeout_us);
   void notify_waiters();
   void sleep_on_activity(uint32_t seen, int us);
   std::string describe_state(int subject) const;
@@ -308,6 +358,7 @@ class Engine {
   std::deque<StreamPut> stream_puts_;
   std::atomic<int> stream_puts_pending_{0};  // stream_puts_.size(), readable without the lock
   std::atomic<int64_t> outstanding_{0};
+  std::vector<OpCtx*> ctx_pool_;  // free request contexts (UCX mutex)
   std::atomic<int> pending_broadcasts_{0};
   std::atomic<uint64_t> posts_{0};  // bumped by callers before they check sleeping_
   // Bumped by the progress thread after it made progress; host waits sleep on it (futex)
@@ -315,6 +366,11 @@ class Engine {
   alignas(64) std::atomic<uint32_t> activity_{0};
   std::atomic<int> waiters_{0};
   std::atomic<int> spinning_waiters_{0};  // waits that drive the worker themselves
+  // While a wait spins, the progress thread parks on this futex word (no second thread
+  // on the worker, no core taken from the spinner on a small host); wake() and a wait
+  // that stops spinning with work left unpark it.
+  alignas(64) std::atomic<uint32_t> park_word_{0};
+  std::atomic<bool> parked_{false};
   std::atomic<uint64_t> stat_loops_{0}, stat_sleeps_{0}, stat_wait_sleeps_{0};
   std::atomic<bool> stop_{false};
   std::atomic<bool> sleeping_{false};

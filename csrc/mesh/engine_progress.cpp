@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "common/errors.h"
 #include "mesh/engine.h"
@@ -69,6 +70,26 @@ void Engine::wake() {
     ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
     (void)ignored;
   }
+  unpark();
+}
+
+void Engine::unpark() {
+  if (parked_.load()) {
+    park_word_.fetch_add(1);
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&park_word_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+  }
+}
+
+void Engine::park(int timeout_us) {
+  const uint32_t seen = park_word_.load();
+  parked_.store(true);
+  // Dekker-style with unpark(): a caller that bumped the word before `parked_` was
+  // visible is seen here; one that comes later sees `parked_` and wakes the futex.
+  if (spinning_waiters_.load() > 0 && park_word_.load() == seen) {
+    timespec ts{timeout_us / 1000000, (timeout_us % 1000000) * 1000L};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&park_word_), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+  }
+  parked_.store(false);
 }
 
 void Engine::notify_waiters() {
@@ -103,8 +124,11 @@ void Engine::progress_loop() {
     }
     // A host wait that spins drives the worker itself: step aside (no second core burnt
     // on the same worker, no lock ping-pong) unless stream-ordered puts wait for posting.
+    // Parked, not polling: on a 2-core host a thread that wakes every few microseconds
+    // preempts the spinning waiter of this or the peer process. The park ends when the
+    // wait stops spinning, on wake(), or after 1 ms for the liveness check and watchdogs.
     if (spinning_waiters_.load() > 0 && pending_broadcasts_.load() == 0 && stream_puts_pending_.load() == 0) {
-      sleep_us(20);
+      park(n_stream_waits_.load() > 0 || n_flag_watches_.load() > 0 ? 500 : 1000);
       const int64_t t = now_ns();
       if (t - last_liveness > liveness_ns) {
         check_liveness();
@@ -335,36 +359,61 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
                   const std::string& what, uint64_t tag) {
   const int64_t start = now_ns();
   const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
-  const int64_t spin_end = start + static_cast<int64_t>(opt_.spin_us) * 1000;
+  const int64_t spin_ns = static_cast<int64_t>(opt_.spin_us) * 1000;
+  // On a host with fewer free cores than spinning threads, a spinner can hold the core
+  // that the peer (or this rank's progress thread) needs to answer: give the core away
+  // now and then once a wait has spun this long without an answer.
+  constexpr int64_t kYieldAfterNs = 20000;
+  int64_t last_active = start, last_yield = start;
   int backoff_us = 1;
   // While spinning, the waiter drives the worker itself (data that the receiver's
-  // progress lands, e.g. over tcp, arrives without a thread handoff).
+  // progress lands, e.g. over tcp, arrives without a thread handoff); the progress
+  // thread parks meanwhile.
   struct Spinning {
-    std::atomic<int>& n;
+    Engine& e;
     bool on = true;
-    explicit Spinning(std::atomic<int>& c) : n(c) { n.fetch_add(1); }
-    void off() {
-      if (on) n.fetch_sub(1);
+    explicit Spinning(Engine& engine) : e(engine) { e.spinning_waiters_.fetch_add(1); }
+    // `hand_over`: the wait goes to sleep, so the progress thread must drive the worker
+    // now; a wait that returns only hands over work still in flight (else the progress
+    // thread resumes within its park timeout: no syscall on the fast path).
+    void off(bool hand_over) {
+      if (!on) return;
       on = false;
+      if (e.spinning_waiters_.fetch_sub(1) == 1 &&
+          (hand_over || e.outstanding_.load() > 0 || e.pending_broadcasts_.load() > 0))
+        e.unpark();
     }
-    ~Spinning() { off(); }
-  } spinning_guard(spinning_waiters_);
+    ~Spinning() { off(false); }
+  } spinning(*this);
+  uint32_t seen = activity_.load(std::memory_order_acquire);
+  uint64_t last_cur = load(word, kind);
   for (uint64_t iter = 0;; ++iter) {
-    const uint32_t seen = activity_.load(std::memory_order_acquire);
-    uint64_t cur = load(word, kind);
+    bool progressed = false;
+    if (spinning.on) {
+      // A burst of polls between clock reads: the worker, then the word.
+      for (int i = 0; i < 16 && load(word, kind) < value; ++i) {
+        if (!closed_ && ucx_waiting_.load(std::memory_order_relaxed) == 0 && ucx_mu_.try_lock()) {
+          if (worker_) progressed |= ucp_worker_progress(worker_) != 0;
+          ucx_mu_.unlock();
+        }
+        cpu_relax();
+      }
+    }
+    // The activity counter before the word: a landing after this load bumps the counter
+    // past `act`, so the futex sleep below cannot miss it.
+    const uint32_t act = activity_.load(std::memory_order_acquire);
+    const uint64_t cur = load(word, kind);
     if (cur >= value) {
       tracer_.record(tag, peer, TraceKind::kDelivered, 0);
       return;
     }
     const int64_t now = now_ns();
-    const bool spinning = now < spin_end;
-    if (spinning && !closed_ && ucx_waiting_.load() == 0 && ucx_mu_.try_lock()) {
-      if (worker_) ucp_worker_progress(worker_);
-      ucx_mu_.unlock();
-    } else if (!spinning) {
-      spinning_guard.off();
-    }
-    if (!spinning || (iter & 63) == 0) {
+    // Traffic is recent while this wait's progress, the progress thread or the writer
+    // (the word moved) did something.
+    if (progressed || act != seen || cur != last_cur) last_active = now;
+    seen = act;
+    last_cur = cur;
+    if (!spinning.on || (iter & 7) == 0) {
       if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", what, " on a closed mesh");
       check_health(peer, str_cat("waiting for ", what));
     }
@@ -375,13 +424,17 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
                    peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
                    " (signal is ", cur, ", expected >= ", value, ")");
     }
-    if (spinning) {
-      cpu_relax();
+    if (spinning.on && now - last_active < spin_ns) {
+      if (now - last_active > kYieldAfterNs && now - last_yield > kYieldAfterNs) {
+        std::this_thread::yield();
+        last_yield = now;
+      }
       continue;
     }
+    spinning.off(true);
     // Bounded adaptive backoff: no core burns while a slow peer computes; the progress
     // thread cuts the sleep short when it lands data.
-    sleep_on_activity(seen, backoff_us);
+    sleep_on_activity(act, backoff_us);
     backoff_us = std::min(backoff_us * 2, std::max(1, opt_.max_sleep_us));
   }
 }
