@@ -25,6 +25,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -61,8 +62,9 @@ struct EngineOptions {
   // Over endpoints whose RMA UCX emulates with active messages (tcp), a put + signal of
   // up to this many bytes travels as ONE active message that the receiver's progress
   // writes (data, then the signal): one send instead of two, no remote-completion
-  // messages. 0 disables it. Set through ucx_options {"AFDKIT_FUSED_MAX_BYTES": "N"}.
-  size_t fused_max_bytes = 64 << 10;
+  // messages. Past one tcp segment (256 KiB, see make_context) the reassembly costs more
+  // than it saves. 0 disables it. Set through ucx_options {"AFDKIT_FUSED_MAX_BYTES": "N"}.
+  size_t fused_max_bytes = 128 << 10;
 };
 
 class Engine;
@@ -206,8 +208,9 @@ class Engine {
   void flush(double timeout_s);
   // Host-blocking: returns once *word >= value; raises MeshTimeout / MeshPeerLost.
   // `peer` (-1: any) names the writer for messages and for its liveness.
-  void wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
-            const std::string& what, uint64_t tag = 0);
+  // (`what` is a view: a caller's literal costs no allocation per wait.)
+  void wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer, std::string_view what,
+            uint64_t tag = 0);
   // Stream-ordered: work queued on `stream` after this waits for *word >= value. A
   // watchdog of the progress thread honours `timeout_s`: past it (or once a peer is
   // lost) it releases the stream by storing `value` into the word and poisons the
@@ -237,6 +240,8 @@ class Engine {
   // ---- health --------------------------------------------------------------
   // Throws MeshPeerLost if `peer` (or, with peer == -1, any rank) was lost/aborted.
   void check_health(int peer, const std::string& what) const;
+  // check_health's verdict without building a message: false where it would throw.
+  bool healthy(int peer) const;
   int lost_count() const;  // peers known lost or aborted
   uint64_t peer_state(int rank) const;
   // Poisons the mesh: every rank's pending and future calls raise MeshPeerLost.
@@ -268,6 +273,7 @@ class Engine {
   class UcxLock {
    public:
     explicit UcxLock(Engine& e) : e_(e) {
+      if (e_.ucx_mu_.try_lock()) return;  // uncontended: no announcement needed
       e_.ucx_waiting_.fetch_add(1);
       e_.ucx_mu_.lock();
       e_.ucx_waiting_.fetch_sub(1);
@@ -385,6 +391,9 @@ class Engine {
   int64_t last_watch_ns_ = 0;
   mutable std::mutex error_mu_;
   std::string stream_timeout_;  // sticky: a stream wait ran past its timeout (MeshTimeout)
+  // Set (sticky) by the progress thread before its watchdogs first run: only then can
+  // stream_timeout_ be set, so check_health skips its mutex until then.
+  std::atomic<bool> watchdogs_ran_{false};
   int wake_fd_ = -1;
   int epoll_fd_ = -1;
   std::thread progress_;

@@ -136,10 +136,12 @@ void Engine::progress_loop() {
       }
       if (n_stream_waits_.load() > 0 && t - last_watch_ns_ > 1000000) {
         last_watch_ns_ = t;
+        watchdogs_ran_.store(true);
         watch_stream_waits(t);
       }
       if (n_flag_watches_.load() > 0 && t - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
         last_flag_watch_ns_ = t;
+        watchdogs_ran_.store(true);
         watch_flag_waits(t);
       }
       continue;
@@ -171,10 +173,12 @@ void Engine::progress_loop() {
     }
     if (n_stream_waits_.load() > 0 && now - last_watch_ns_ > 1000000) {  // at most every 1 ms
       last_watch_ns_ = now;
+      watchdogs_ran_.store(true);
       watch_stream_waits(now);
     }
     if (n_flag_watches_.load() > 0 && now - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
       last_flag_watch_ns_ = now;
+      watchdogs_ran_.store(true);
       watch_flag_waits(now);
     }
     if (active) {
@@ -317,6 +321,20 @@ std::string Engine::describe_state(int subject) const {
   return out;
 }
 
+bool Engine::healthy(int peer) const {
+  for (int r = 0; r < opt_.world_size; ++r) {
+    const uint64_t kind = peer_state(r) & 0xff;
+    if (kind == static_cast<uint64_t>(PeerState::kLost) || kind == static_cast<uint64_t>(PeerState::kAborted))
+      return false;
+  }
+  if (peer >= 0 && peer_state(peer) != 0) return false;
+  if (watchdogs_ran_.load()) {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (!stream_timeout_.empty()) return false;
+  }
+  return progress_error_.empty();
+}
+
 void Engine::check_health(int peer, const std::string& what) const {
   // Root causes (a crash, an abort) first, all of them: which one came first cannot be
   // told from here, and a peer that closed because of another's death is a consequence.
@@ -330,7 +348,7 @@ void Engine::check_health(int peer, const std::string& what) const {
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", lost, "; the mesh is unusable");
   if (peer >= 0 && peer_state(peer) != 0)
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", describe_state(peer));
-  {
+  if (watchdogs_ran_.load()) {
     std::lock_guard<std::mutex> lock(error_mu_);
     if (!stream_timeout_.empty())
       AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", stream_timeout_);
@@ -356,7 +374,7 @@ uint64_t Engine::load(const uint64_t* word, MemKind kind) const {
 }
 
 void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
-                  const std::string& what, uint64_t tag) {
+                  std::string_view what, uint64_t tag) {
   const int64_t start = now_ns();
   const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
   const int64_t spin_ns = static_cast<int64_t>(opt_.spin_us) * 1000;
@@ -390,9 +408,13 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
   for (uint64_t iter = 0;; ++iter) {
     bool progressed = false;
     if (spinning.on) {
-      // A burst of polls between clock reads: the worker, then the word.
-      for (int i = 0; i < 16 && load(word, kind) < value; ++i) {
-        if (!closed_ && ucx_waiting_.load(std::memory_order_relaxed) == 0 && ucx_mu_.try_lock()) {
+      // A burst of polls between clock reads: the word (plain loads for host words), and
+      // every 4th poll the worker (data the transport lands, e.g. over tcp; a progress
+      // call plus the mutex cost more than a poll, and shm data needs none).
+      const bool host = kind == MemKind::kHost;
+      for (int i = 0; i < 32; ++i) {
+        if ((host ? __atomic_load_n(word, __ATOMIC_ACQUIRE) : load(word, kind)) >= value) break;
+        if ((i & 3) == 0 && !closed_ && ucx_waiting_.load(std::memory_order_relaxed) == 0 && ucx_mu_.try_lock()) {
           if (worker_) progressed |= ucp_worker_progress(worker_) != 0;
           ucx_mu_.unlock();
         }
@@ -413,14 +435,16 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
     if (progressed || act != seen || cur != last_cur) last_active = now;
     seen = act;
     last_cur = cur;
-    if (!spinning.on || (iter & 7) == 0) {
-      if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", what, " on a closed mesh");
-      check_health(peer, str_cat("waiting for ", what));
+    if (!spinning.on || (iter & 3) == 0) {
+      if (closed_)
+        AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", std::string(what),
+                          " on a closed mesh");
+      if (!healthy(peer)) check_health(peer, str_cat("waiting for ", std::string(what)));
     }
     if (now > deadline) {
       char waited[32];
       std::snprintf(waited, sizeof(waited), "%.3f", (now - start) * 1e-9);
-      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", what,
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", std::string(what),
                    peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
                    " (signal is ", cur, ", expected >= ", value, ")");
     }
