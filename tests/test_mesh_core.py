@@ -240,9 +240,9 @@ def _mixed_paths(ctx: RankContext) -> dict:
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("transport,fused", [("tcp", True), ("tcp", False), ("shm", True)])
-def test_mixed_message_paths(transport: str, fused: bool) -> None:
-    cfg = {} if fused else {"fused_max_bytes": 0}
+@pytest.mark.parametrize("transport,cfg", [("tcp", {}), ("tcp", {"fused_max_bytes": 0}), ("shm", {}),
+                                           ("shm", {"direct_max_bytes": 0}), ("shm", {"direct_max_bytes": 4096})])
+def test_mixed_message_paths(transport: str, cfg: dict) -> None:
     vals = check_all_ok(run_ranks(_mixed_paths, ["attention", "ffn"], args={"cfg": cfg}, env=UCX_ENVS[transport],
                                   timeout_s=100))
     assert vals[1]["checked"] == 6 * 8

@@ -120,6 +120,12 @@ Engine::Engine(const EngineOptions& options) : opt_(options), tracer_(options.tr
       if (v.empty() || *end != '\0' || n < 0)
         AFDKIT_THROW(ValueError, "afdkit.mesh: AFDKIT_FUSED_MAX_BYTES must be a byte count >= 0, got '", v, "'");
       opt_.fused_max_bytes = static_cast<size_t>(n);
+    } else if (k == "AFDKIT_DIRECT_MAX_BYTES") {
+      char* end = nullptr;
+      const long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 0)
+        AFDKIT_THROW(ValueError, "afdkit.mesh: AFDKIT_DIRECT_MAX_BYTES must be a byte count >= 0, got '", v, "'");
+      opt_.direct_max_bytes = static_cast<size_t>(n);
     } else if (k.rfind("AFDKIT_", 0) == 0) {
       AFDKIT_THROW(ValueError, "afdkit.mesh: unknown engine option ", k);
     }
@@ -328,6 +334,10 @@ int Engine::add_remote_region(int peer, uintptr_t addr, size_t nbytes, MemKind k
   {
     UcxLock lock(*this);
     s = ucp_ep_rkey_unpack(p.ep, rkey.data(), &r.rkey);
+    void* mapped = nullptr;
+    if (s == UCS_OK && kind == MemKind::kHost && p.same_host && opt_.direct_max_bytes > 0 &&
+        ucp_rkey_ptr(r.rkey, addr, &mapped) == UCS_OK)
+      r.direct = static_cast<char*>(mapped);  // else: no shm transport maps it (tcp, cma only, user memory)
   }
   if (s != UCS_OK)
     AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: cannot unpack a remote key of ", p.label, ": ", ucs_status_string(s),
@@ -444,8 +454,33 @@ void Engine::put_message(const MessageOp& op) {
            op.sig_value, op.tag);
 }
 
+bool Engine::post_direct(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                         size_t sig_offset, uint64_t sig_value, uint64_t tag) {
+  size_t total = 0;
+  for (size_t i = 0; i < nseg; ++i) total += segs[i].nbytes;
+  if (total > opt_.direct_max_bytes) return false;
+  char* data = (total || !words.empty()) ? p.regions[region].direct : nullptr;
+  char* sig = sig_region >= 0 ? p.regions[sig_region].direct : nullptr;
+  if (((total || !words.empty()) && !data) || (sig_region >= 0 && !sig)) return false;
+  // Requests to this peer still in flight (e.g. cma puts progress in segments) could
+  // land after these stores: keep to UCX and its fences then.
+  if (p.rma_in_flight.load(std::memory_order_acquire) != 0 || p.fused_in_flight.load(std::memory_order_acquire) != 0)
+    return false;
+  for (size_t i = 0; i < nseg; ++i)
+    if (segs[i].nbytes) std::memcpy(data + segs[i].offset, segs[i].src, segs[i].nbytes);
+  for (const auto& w : words) __atomic_store_n(reinterpret_cast<uint64_t*>(data + w.first), w.second, __ATOMIC_RELAXED);
+  if (tracer_.enabled()) {
+    tracer_.record(tag, p.rank, TraceKind::kPosted, total);
+    if (total) tracer_.record(tag, p.rank, TraceKind::kCompleted, total);
+  }
+  // Release: a reader that sees the signal (acquire) sees the data and words before it.
+  if (sig) __atomic_store_n(reinterpret_cast<uint64_t*>(sig + sig_offset), sig_value, __ATOMIC_RELEASE);
+  return true;
+}
+
 void Engine::post_now(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
                       size_t sig_offset, uint64_t sig_value, uint64_t tag) {
+  if (post_direct(p, region, segs, nseg, words, sig_region, sig_offset, sig_value, tag)) return;
   try {
     UcxLock lock(*this);
     post_locked(p, region, segs, nseg, words, sig_region, sig_offset, sig_value, tag);
@@ -512,7 +547,7 @@ bool Engine::issue_put_locked(Peer& p, const void* src, size_t n, uintptr_t radd
   // The callback runs inside a later progress call, under the mutex we hold: counting
   // after the post cannot race with it.
   outstanding_.fetch_add(1);
-  ++p.rma_in_flight;
+  p.rma_in_flight.fetch_add(1);
   return true;
 }
 
@@ -541,7 +576,7 @@ void Engine::drain_fused_locked(Peer& p) {
     ucp_worker_progress(worker_);
     if (peer_state(p.rank) != 0 || now_ns() > deadline)
       AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", p.label, ": an earlier message did not leave (",
-                        p.fused_in_flight, " in flight); ", describe_state(p.rank));
+                        p.fused_in_flight.load(), " in flight); ", describe_state(p.rank));
   }
 }
 

@@ -20,6 +20,7 @@
 #include <ucp/api/ucp.h>
 
 #include <atomic>
+#include <climits>
 #include <cstdint>
 #include <deque>
 #include <memory>
@@ -65,6 +66,14 @@ struct EngineOptions {
   // messages. Past one tcp segment (256 KiB, see make_context) the reassembly costs more
   // than it saves. 0 disables it. Set through ucx_options {"AFDKIT_FUSED_MAX_BYTES": "N"}.
   size_t fused_max_bytes = 128 << 10;
+  // Same-host peers whose regions UCX's shared-memory transports map into this process
+  // (ucp_rkey_ptr: UCX-allocated host regions over posix/sysv): a put + signal of up to
+  // this many bytes is a memcpy plus a release store of the signal from the caller's
+  // thread -- no UCX call, no lock. Faster than UCX's cma at every size measured (1 MB:
+  // 31 vs 105 us one-way, 8 MB: 611 vs 774 us on 2 cores), so no limit by default; the
+  // caller's thread does the copy. 0 disables it. Set through ucx_options
+  // {"AFDKIT_DIRECT_MAX_BYTES": "N"}.
+  size_t direct_max_bytes = SIZE_MAX;
 };
 
 class Engine;
@@ -147,6 +156,7 @@ struct RemoteRegion {
   size_t nbytes = 0;
   MemKind kind = MemKind::kHost;
   ucp_rkey_h rkey = nullptr;
+  char* direct = nullptr;    // the peer's host memory mapped here by UCX (shm, ucp_rkey_ptr)
   char* ipc_ptr = nullptr;   // mapped peer memory (same host, GPU): the ipc backend
   void* ipc_base = nullptr;  // what cudaIpcCloseMemHandle takes
 };
@@ -169,10 +179,11 @@ struct Peer {
   std::atomic<int64_t> suspect_ns{0};
   std::atomic<int> suspect_status{0};
   // Fused messages (EngineOptions::fused_max_bytes) go to this peer; the requests to it
-  // still in flight, RMA and fused (both only touched under the UCX mutex).
+  // still in flight, RMA and fused (changed under the UCX mutex; the direct path reads
+  // them without it).
   bool fused = false;
-  int rma_in_flight = 0;
-  int fused_in_flight = 0;
+  std::atomic<int> rma_in_flight{0};
+  std::atomic<int> fused_in_flight{0};
 };
 
 class Engine {
@@ -319,6 +330,10 @@ class Engine {
   using Words = std::vector<std::pair<size_t, uint64_t>>;
   void post_ucx_locked(const MessageOp& op);
   void post_locked(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                   size_t sig_offset, uint64_t sig_value, uint64_t tag);
+  // Stores the message through the peer's mapped memory when every part of it can go
+  // that way (see EngineOptions::direct_max_bytes); false: nothing was written.
+  bool post_direct(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
                    size_t sig_offset, uint64_t sig_value, uint64_t tag);
   // UcxLock + post_locked; a lost peer's error names the root cause where it can.
   void post_now(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,

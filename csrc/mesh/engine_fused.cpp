@@ -71,7 +71,7 @@ bool Engine::post_fused_locked(Peer& p, const RemoteRegion* data, const Segment*
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", p.label, " failed: ", ucs_status_string(UCS_PTR_STATUS(st)));
   }
   outstanding_.fetch_add(1);
-  ++p.fused_in_flight;
+  p.fused_in_flight.fetch_add(1);
   return true;
 }
 
@@ -108,9 +108,9 @@ void Engine::on_request_done(OpCtx* ctx, ucs_status_t status) {
   if (ctx->peer >= 0 && ctx->peer < opt_.world_size && peers_[ctx->peer]) {
     Peer& p = *peers_[ctx->peer];
     if (ctx->fused) {
-      --p.fused_in_flight;
+      p.fused_in_flight.fetch_sub(1);
     } else {
-      --p.rma_in_flight;
+      p.rma_in_flight.fetch_sub(1);
     }
   }
   on_put_done(ctx->traced ? ctx->tag : 0, ctx->traced ? ctx->peer : -1, ctx->nbytes, status);

@@ -378,11 +378,10 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
   const int64_t start = now_ns();
   const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
   const int64_t spin_ns = static_cast<int64_t>(opt_.spin_us) * 1000;
-  // On a host with fewer free cores than spinning threads, a spinner can hold the core
-  // that the peer (or this rank's progress thread) needs to answer: give the core away
-  // now and then once a wait has spun this long without an answer.
-  constexpr int64_t kYieldAfterNs = 20000;
-  int64_t last_active = start, last_yield = start;
+  // (No sched_yield while polling: tried every 20 us after 20 us without an answer, it
+  // cost a 1 MB shm message ~40 us on 2 cores -- the core went to another runnable thread
+  // for a time slice.)
+  int64_t last_active = start;
   int backoff_us = 1;
   // While spinning, the waiter drives the worker itself (data that the receiver's
   // progress lands, e.g. over tcp, arrives without a thread handoff); the progress
@@ -448,13 +447,7 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
                    peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
                    " (signal is ", cur, ", expected >= ", value, ")");
     }
-    if (spinning.on && now - last_active < spin_ns) {
-      if (now - last_active > kYieldAfterNs && now - last_yield > kYieldAfterNs) {
-        std::this_thread::yield();
-        last_yield = now;
-      }
-      continue;
-    }
+    if (spinning.on && now - last_active < spin_ns) continue;
     spinning.off(true);
     // Bounded adaptive backoff: no core burns while a slow peer computes; the progress
     // thread cuts the sleep short when it lands data.

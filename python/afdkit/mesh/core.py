@@ -52,6 +52,9 @@ class MeshConfig:
     # Over tcp a put + signal of up to this many bytes is one active message (data and
     # signal written by the receiver); None: the engine's default (128 KiB), 0: off.
     fused_max_bytes: int | None = None
+    # Same-host shm peers (UCX-allocated regions): a put + signal of up to this many bytes
+    # is a memcpy + release store into the peer's mapped memory; None: no limit, 0: off.
+    direct_max_bytes: int | None = None
     trace: bool = False
     trace_capacity: int = 1 << 16
 
@@ -93,10 +96,12 @@ class Mesh:
         c = self.config
         native().mesh.check_ucx()  # refuse a libucp older than the build, naming both versions
         ucx_options = dict(c.ucx_options)
-        if c.fused_max_bytes is not None:  # engine settings travel with the UCX options (AFDKIT_*)
-            if int(c.fused_max_bytes) < 0:
-                raise ValueError(f"afdkit.mesh.MeshConfig: fused_max_bytes must be >= 0, got {c.fused_max_bytes}")
-            ucx_options["AFDKIT_FUSED_MAX_BYTES"] = str(int(c.fused_max_bytes))
+        for key, value in (("FUSED", c.fused_max_bytes), ("DIRECT", c.direct_max_bytes)):
+            if value is None:  # engine settings travel with the UCX options (AFDKIT_*)
+                continue
+            if int(value) < 0:
+                raise ValueError(f"afdkit.mesh.MeshConfig: {key.lower()}_max_bytes must be >= 0, got {value}")
+            ucx_options[f"AFDKIT_{key}_MAX_BYTES"] = str(int(value))
         self._engine = native().mesh.Engine(
             rank, world_size, device=-1 if c.device is None else c.device, keepalive_s=c.keepalive_s,
             spin_us=c.spin_us, max_sleep_us=c.max_sleep_us, trace_capacity=c.trace_capacity,
