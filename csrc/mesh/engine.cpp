@@ -588,14 +588,16 @@ void Engine::post_locked(Peer& p, int region, const Segment* segs, size_t nseg, 
     drain_fused_locked(p);
     // One active message for data + signal, when nothing RMA to this peer is in flight
     // that it could overtake (requests that completed locally sit in the socket before it).
-    const bool small = nseg <= 1 && words.empty() && total <= opt_.fused_max_bytes;
-    if (small && sig_region >= 0 && p.rma_in_flight == 0 && p.regions[sig_region].kind == MemKind::kHost &&
+    // An unsignalled put goes the same way (no signal in the header): one message
+    // instead of UCX's emulated put and its completion reply.
+    const bool small = nseg <= 1 && words.empty() && total <= opt_.fused_max_bytes && (total > 0 || sig_region >= 0);
+    if (small && p.rma_in_flight == 0 && (sig_region < 0 || p.regions[sig_region].kind == MemKind::kHost) &&
         (total == 0 || p.regions[region].kind == MemKind::kHost)) {
       // Recorded before the message goes out, so that posted <= delivered across processes.
       tracer_.record(tag, p.rank, TraceKind::kPosted, total);
       const bool data = total > 0;
-      if (post_fused_locked(p, data ? &p.regions[region] : nullptr, data ? segs : nullptr, p.regions[sig_region],
-                            sig_offset, sig_value, tag)) {
+      if (post_fused_locked(p, data ? &p.regions[region] : nullptr, data ? segs : nullptr,
+                            sig_region >= 0 ? &p.regions[sig_region] : nullptr, sig_offset, sig_value, tag)) {
         posts_.fetch_add(1);
         wake();
       }

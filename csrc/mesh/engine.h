@@ -338,8 +338,8 @@ class Engine {
   // UcxLock + post_locked; a lost peer's error names the root cause where it can.
   void post_now(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
                 size_t sig_offset, uint64_t sig_value, uint64_t tag);
-  // Sends one fused message (seg may be null: a signal only); true while in flight.
-  bool post_fused_locked(Peer& p, const RemoteRegion* data, const Segment* seg, const RemoteRegion& sig,
+  // Sends one fused message (seg null: a signal only; sig null: data only); true while in flight.
+  bool post_fused_locked(Peer& p, const RemoteRegion* data, const Segment* seg, const RemoteRegion* sig,
                          size_t sig_offset, uint64_t value, uint64_t tag);
   void drain_fused_locked(Peer& p);
   bool issue_put_locked(Peer& p, const void* src, size_t n, uintptr_t raddr, ucp_rkey_h rkey, OpCtx* ctx);

@@ -45,13 +45,13 @@ bool Engine::fused_transport(ucp_ep_h ep) {
   return true;
 }
 
-bool Engine::post_fused_locked(Peer& p, const RemoteRegion* data, const Segment* seg, const RemoteRegion& sig,
+bool Engine::post_fused_locked(Peer& p, const RemoteRegion* data, const Segment* seg, const RemoteRegion* sig,
                                size_t sig_offset, uint64_t value, uint64_t tag) {
   const size_t nbytes = seg ? seg->nbytes : 0;
   OpCtx* ctx = take_ctx();
   *ctx = OpCtx{this, tag, p.rank, nbytes, tracer_.enabled(), true, 0, {0, 0, 0}};
   ctx->hdr[0] = seg ? data->addr + seg->offset : 0;
-  ctx->hdr[1] = sig.addr + sig_offset;
+  ctx->hdr[1] = sig ? sig->addr + sig_offset : 0;  // 0: no signal
   ctx->hdr[2] = value;
   ucp_request_param_t prm{};
   prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA | UCP_OP_ATTR_FIELD_FLAGS;
@@ -93,14 +93,14 @@ ucs_status_t Engine::on_fused_message(const void* header, size_t header_length, 
   // A message may only write registered host memory of this rank: what a peer's puts
   // could reach with the keys it was given, nothing else.
   if (!well_formed || (length && !host_range_registered(hdr[0], length)) || hdr[1] % 8 != 0 ||
-      !host_range_registered(hdr[1], 8)) {
+      (hdr[1] && !host_range_registered(hdr[1], 8))) {
     if (progress_error_.empty())
       progress_error_ = rndv ? "a fused message arrived by rendezvous (not supported); it was dropped"
                              : "a fused message pointed outside this rank's registered host memory; it was dropped";
     return UCS_OK;  // eager data: UCX releases it; a rendezvous descriptor is dropped with the error
   }
   if (length) std::memcpy(reinterpret_cast<void*>(hdr[0]), data, length);
-  __atomic_store_n(reinterpret_cast<uint64_t*>(hdr[1]), hdr[2], __ATOMIC_RELEASE);
+  if (hdr[1]) __atomic_store_n(reinterpret_cast<uint64_t*>(hdr[1]), hdr[2], __ATOMIC_RELEASE);
   return UCS_OK;
 }
 
