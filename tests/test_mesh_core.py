@@ -194,3 +194,103 @@ def _bulk_then_signal(ctx: RankContext) -> int:
 def test_signal_never_overtakes_bulk_puts(transport: str) -> None:
     vals = check_all_ok(run_ranks(_bulk_then_signal, ["attention", "ffn"], env=UCX_ENVS[transport], timeout_s=80))
     assert vals[1] == 24
+
+
+def _mixed_paths(ctx: RankContext) -> dict:
+    """Rounds of messages whose sizes cross every path (fused active messages up to
+    128 KiB over tcp, fenced puts above, signal-only, unsignalled bulk then a signal),
+    posted back to back without waiting in between: each signal must find its own data."""
+    m = _mesh(ctx, timeout_s=30.0, spin_us=50, **ctx.args["cfg"])
+    slot, sizes = 300 << 10, [8, 4096, 100 << 10, 128 << 10, (128 << 10) + 8, 300 << 10, 0, 64]
+    src = m.alloc("src", slot * len(sizes))
+    buf = m.alloc("buf", slot * len(sizes))
+    sig = m.alloc("sig", 8 * (len(sizes) + 1))
+    m.connect(ctx.store(), b"core-secret")
+    peer, ack, checked = 1 - ctx.rank, 8 * len(sizes), 0
+    cpu0 = time.process_time()  # all threads of this process
+    time.sleep(0.3)  # idle: the progress thread must sleep (epoll), not spin
+    idle_cpu = time.process_time() - cpu0
+
+    def payload(r: int, k: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 * r + k)
+        return torch.randint(0, 256, (sizes[k],), dtype=torch.uint8, generator=g)
+
+    for r in range(1, 7):
+        for k, n in enumerate(sizes):
+            if ctx.rank == 0:
+                src[k * slot:k * slot + n] = payload(r, k)
+                view = src[k * slot:k * slot + max(n, 1)]
+                if k == 5 and r % 2:  # bulk without a signal, then a signal-only put
+                    m.put(view, peer, "buf", k * slot, nbytes=n)
+                    m.put(view, peer, "buf", k * slot, nbytes=0, signal=("sig", 8 * k, r))
+                else:
+                    m.put(view, peer, "buf", k * slot, nbytes=n, signal=("sig", 8 * k, r))
+            else:
+                m.wait("sig", 8 * k, r, peer=peer)
+                assert sig[8 * k:8 * k + 8].view(torch.int64).item() == r, f"round {r} size {n}: signal value"
+                assert torch.equal(buf[k * slot:k * slot + n], payload(r, k)), f"round {r}, {n} B: stale data"
+                checked += 1
+        if ctx.rank == 0:
+            m.wait("sig", ack, r, peer=peer)  # the sources may change again
+        else:
+            m.put(src[:8], peer, "sig", nbytes=0, signal=("sig", ack, r))
+    m.flush()
+    m.close()
+    return {"checked": checked, "idle_cpu": idle_cpu}
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transport,cfg", [("tcp", {}), ("tcp", {"fused_max_bytes": 0}), ("shm", {}),
+                                           ("shm", {"direct_max_bytes": 0}), ("shm", {"direct_max_bytes": 4096})])
+def test_mixed_message_paths(transport: str, cfg: dict) -> None:
+    vals = check_all_ok(run_ranks(_mixed_paths, ["attention", "ffn"], args={"cfg": cfg}, env=UCX_ENVS[transport],
+                                  timeout_s=100))
+    assert vals[1]["checked"] == 6 * 8
+    for v in vals:  # 0.3 s idle: epoll sleeps of keepalive/4 (a spinning thread would use ~0.3 s)
+        assert v["idle_cpu"] < 0.06, v
+
+
+def _late_message(ctx: RankContext) -> float:
+    """The writer sends long after the reader's spin window ended: the reader sleeps and
+    the progress thread (over tcp it must land the data) wakes it."""
+    m = _mesh(ctx, spin_us=20)
+    m.alloc("sig", 64)
+    m.connect(ctx.store(), b"core-secret")
+    peer, waited = 1 - ctx.rank, 0.0
+    for i in range(1, 4):
+        if ctx.rank == 0:
+            t0 = time.monotonic()
+            m.wait("sig", 0, i, peer=peer)
+            waited = max(waited, time.monotonic() - t0 - 0.2)
+            m.put(torch.zeros(8, dtype=torch.uint8), peer, "sig", nbytes=0, signal=("sig", 8, i))
+        else:
+            time.sleep(0.2)
+            m.put(torch.zeros(8, dtype=torch.uint8), peer, "sig", nbytes=0, signal=("sig", 0, i))
+            m.wait("sig", 8, i, peer=peer)
+    m.close()
+    return waited
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_late_message_wakes_a_sleeping_wait(transport: str) -> None:
+    late = check_all_ok(run_ranks(_late_message, ["attention", "ffn"], env=UCX_ENVS[transport], timeout_s=45))[0]
+    assert late < 0.1, f"a message sent 0.2 s into a wait was seen {late * 1e3:.1f} ms late"
+
+
+def _bad_engine_option(ctx: RankContext) -> list[str]:
+    errors = []
+    for opts in ({"AFDKIT_NO_SUCH_OPTION": "1"}, {"AFDKIT_FUSED_MAX_BYTES": "-1"}, {"AFDKIT_FUSED_MAX_BYTES": "1k"}):
+        try:
+            _mesh(ctx, ucx_options=opts).close()
+            errors.append("accepted")
+        except ValueError as exc:
+            errors.append(str(exc))
+    return errors
+
+
+@pytest.mark.timeout(60)
+def test_engine_options_are_checked() -> None:
+    errors = check_all_ok(run_ranks(_bad_engine_option, ["attention"], env=UCX_ENVS["tcp"], timeout_s=45))[0]
+    assert "unknown engine option AFDKIT_NO_SUCH_OPTION" in errors[0], errors
+    assert all("AFDKIT_FUSED_MAX_BYTES must be a byte count" in e for e in errors[1:]), errors

@@ -9,7 +9,10 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <strings.h>
+
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 
 #include <ucs/config/global_opts.h>
@@ -24,22 +27,16 @@ std::string status_str(ucs_status_t s) { return ucs_status_string(s); }
 
 namespace {
 
-// What a UCX request carries to its completion callback. `word` is the source of
-// signal/control writes: it must outlive the request.
-struct OpCtx {
-  Engine* engine;
-  uint64_t tag;
-  int peer;
-  uint64_t nbytes;
-  uint64_t word;
-  bool traced;
-};
-
-void put_done_cb(void* request, ucs_status_t status, void* user_data) {
+void request_done_cb(void* request, ucs_status_t status, void* user_data) {
   auto* ctx = static_cast<OpCtx*>(user_data);
-  ctx->engine->on_put_done(ctx->traced ? ctx->tag : 0, ctx->traced ? ctx->peer : -1, ctx->nbytes, status);
-  delete ctx;
+  ctx->engine->on_request_done(ctx, status);
   ucp_request_free(request);
+}
+
+ucs_status_t fused_am_cb(void* arg, const void* header, size_t header_length, void* data, size_t length,
+                         const ucp_am_recv_param_t* param) {
+  return static_cast<Engine*>(arg)->on_fused_message(header, header_length, data, length,
+                                                     (param->recv_attr & UCP_AM_RECV_ATTR_FLAG_RNDV) != 0);
 }
 
 void ep_error_cb(void* arg, ucp_ep_h, ucs_status_t status) {
@@ -51,6 +48,24 @@ void ucx_check(ucs_status_t s, const char* what) {
   if (s != UCS_OK) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: ", what, " failed: ", ucs_status_string(s));
 }
 
+// Whether UCX_<key> is set in the environment or in the engine's ucx_options.
+bool user_sets_ucx_option(const EngineOptions& o, const std::string& key) {
+  if (std::getenv(("UCX_" + key).c_str())) return true;
+  for (const auto& kv : o.ucx_options)
+    if (kv.first == key) return true;
+  return false;
+}
+
+// Whether UCX_<key> is set (options win over the environment) to a value starting with `prefix`
+// (case-insensitive), e.g. PROTO_ENABLE=n / no.
+bool ucx_option_is(const EngineOptions& o, const std::string& key, const std::string& prefix) {
+  const char* env = std::getenv(("UCX_" + key).c_str());
+  std::string v = env ? env : "";
+  for (const auto& kv : o.ucx_options)
+    if (kv.first == key) v = kv.second;
+  return !v.empty() && strncasecmp(v.c_str(), prefix.c_str(), prefix.size()) == 0;
+}
+
 ucp_context_h make_context(const EngineOptions& o) {
   ucp_config_t* cfg = nullptr;
   ucx_check(ucp_config_read(nullptr, nullptr, &cfg), "ucp_config_read");
@@ -58,7 +73,23 @@ ucp_context_h make_context(const EngineOptions& o) {
   char ka[32];
   std::snprintf(ka, sizeof(ka), "%dms", std::max(1, static_cast<int>(o.keepalive_s * 1000)));
   ucp_config_modify(cfg, "KEEPALIVE_INTERVAL", ka);
+  // Fences per endpoint (UCX_FENCE_MODE=ep_based) unless the caller chose a mode: a
+  // signal put then costs a weak fence where it shares a lane with the data before it
+  // (tcp: one socket, in order) and a strong one (remote completion) only where it does
+  // not (shm: bulk data on cma, the signal on posix). The default "auto" is strong
+  // whenever UCX's new protocols are on, i.e. always: over tcp every signal waited a
+  // whole round trip for the data's remote completion first (~3 one-way trips per message).
+  if (!user_sets_ucx_option(o, "FENCE_MODE") && !ucx_option_is(o, "PROTO_ENABLE", "n"))
+    ucp_config_modify(cfg, "FENCE_MODE", "ep_based");  // unknown to an old UCX: keep its default
+  // tcp moves RMA with error handling (endpoints in mode PEER) as active messages of
+  // one segment each: 8 KiB by default, one send() per 8 KiB. 256 KiB segments cut a
+  // 256 KiB put from ~170 to ~55 us on loopback and carry a fused message of up to
+  // 128 KiB in one piece; the buffers cost a few MiB per process.
+  for (const char* key : {"TCP_TX_SEG_SIZE", "TCP_RX_SEG_SIZE"}) {
+    if (!user_sets_ucx_option(o, key)) ucp_config_modify(cfg, key, "256K");
+  }
   for (const auto& [k, v] : o.ucx_options) {
+    if (k.rfind("AFDKIT_", 0) == 0) continue;  // engine settings (see Engine::Engine)
     if (ucp_config_modify(cfg, k.c_str(), v.c_str()) != UCS_OK) {
       ucp_config_release(cfg);
       AFDKIT_THROW(ValueError, "afdkit.mesh: UCX rejected option ", k, "=", v);
@@ -66,7 +97,7 @@ ucp_context_h make_context(const EngineOptions& o) {
   }
   ucp_params_t p{};
   p.field_mask = UCP_PARAM_FIELD_FEATURES | UCP_PARAM_FIELD_MT_WORKERS_SHARED;
-  p.features = UCP_FEATURE_RMA | UCP_FEATURE_WAKEUP;
+  p.features = UCP_FEATURE_RMA | UCP_FEATURE_AM | UCP_FEATURE_WAKEUP;
   p.mt_workers_shared = 0;
   ucp_context_h ctx = nullptr;
   ucs_status_t s = ucp_init(&p, cfg, &ctx);
@@ -82,6 +113,23 @@ Engine::Engine(const EngineOptions& options) : opt_(options), tracer_(options.tr
     AFDKIT_THROW(ValueError, "afdkit.mesh: err_mode must be 'auto', 'peer' or 'none', got '", opt_.err_mode, "'");
   if (opt_.world_size < 1 || opt_.rank < 0 || opt_.rank >= opt_.world_size)
     AFDKIT_THROW(ValueError, "afdkit.mesh: rank ", opt_.rank, " is outside world_size ", opt_.world_size);
+  for (const auto& [k, v] : opt_.ucx_options) {  // engine settings that travel with the UCX options
+    if (k == "AFDKIT_FUSED_MAX_BYTES") {
+      char* end = nullptr;
+      const long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 0)
+        AFDKIT_THROW(ValueError, "afdkit.mesh: AFDKIT_FUSED_MAX_BYTES must be a byte count >= 0, got '", v, "'");
+      opt_.fused_max_bytes = static_cast<size_t>(n);
+    } else if (k == "AFDKIT_DIRECT_MAX_BYTES") {
+      char* end = nullptr;
+      const long long n = std::strtoll(v.c_str(), &end, 10);
+      if (v.empty() || *end != '\0' || n < 0)
+        AFDKIT_THROW(ValueError, "afdkit.mesh: AFDKIT_DIRECT_MAX_BYTES must be a byte count >= 0, got '", v, "'");
+      opt_.direct_max_bytes = static_cast<size_t>(n);
+    } else if (k.rfind("AFDKIT_", 0) == 0) {
+      AFDKIT_THROW(ValueError, "afdkit.mesh: unknown engine option ", k);
+    }
+  }
   check_ucx_runtime();  // an older libucp than the headers we were built with misbehaves
   try {
     context_ = make_context(opt_);
@@ -94,6 +142,12 @@ Engine::Engine(const EngineOptions& options) : opt_(options), tracer_(options.tr
     ucx_check(ucp_worker_get_address(worker_, &addr, &len), "ucp_worker_get_address");
     address_.assign(reinterpret_cast<const char*>(addr), len);
     ucp_worker_release_address(worker_, addr);
+    ucp_am_handler_param_t am{};
+    am.field_mask = UCP_AM_HANDLER_PARAM_FIELD_ID | UCP_AM_HANDLER_PARAM_FIELD_CB | UCP_AM_HANDLER_PARAM_FIELD_ARG;
+    am.id = kFusedAmId;
+    am.cb = fused_am_cb;
+    am.arg = this;
+    ucx_check(ucp_worker_set_am_recv_handler(worker_, &am), "ucp_worker_set_am_recv_handler");
 
     peers_.resize(opt_.world_size);
     ctrl_region_ = allocate_host(((opt_.world_size * 8 + 63) / 64) * 64);
@@ -129,6 +183,7 @@ Engine::~Engine() {
     if (r.memh) ucp_mem_unmap(context_, r.memh);
   }
   for (auto& w : flag_watches_) gpu::free_mapped_words(w.armed);
+  for (OpCtx* c : ctx_pool_) delete c;
   if (context_) ucp_cleanup(context_);
   if (wake_fd_ >= 0) ::close(wake_fd_);
   if (epoll_fd_ >= 0) ::close(epoll_fd_);
@@ -263,6 +318,7 @@ void Engine::add_peer(int rank, const std::string& label, const std::string& add
   if (s != UCS_OK)
     AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: cannot create an endpoint to ", label, ": ", ucs_status_string(s),
                       " (UCX_TLS / UCX_NET_DEVICES leave no usable transport?)");
+  p->fused = opt_.fused_max_bytes > 0 && fused_transport(p->ep);
   peers_[rank] = std::move(p);
   wake();  // wireup messages need progress
 }
@@ -278,6 +334,10 @@ int Engine::add_remote_region(int peer, uintptr_t addr, size_t nbytes, MemKind k
   {
     UcxLock lock(*this);
     s = ucp_ep_rkey_unpack(p.ep, rkey.data(), &r.rkey);
+    void* mapped = nullptr;
+    if (s == UCS_OK && kind == MemKind::kHost && p.same_host && opt_.direct_max_bytes > 0 &&
+        ucp_rkey_ptr(r.rkey, addr, &mapped) == UCS_OK)
+      r.direct = static_cast<char*>(mapped);  // else: no shm transport maps it (tcp, cma only, user memory)
   }
   if (s != UCS_OK)
     AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: cannot unpack a remote key of ", p.label, ": ", ucs_status_string(s),
@@ -315,18 +375,36 @@ const RemoteRegion& Engine::remote_ref(Peer& p, int region, size_t offset, size_
 }
 
 void Engine::put(const PutOp& op) {
-  MessageOp m;
-  m.peer = op.peer;
-  m.region = op.region;
-  m.segments.push_back(Segment{op.src, op.nbytes, op.offset});
-  m.sig_region = op.sig_region;
-  m.sig_offset = op.sig_offset;
-  m.sig_value = op.sig_value;
-  m.stream = op.stream;
-  m.ordered = op.ordered;
-  m.tag = op.tag;
-  m.best_effort = op.best_effort;
-  put_message(m);
+  if (op.ordered) {  // stream-ordered: the message path (IPC, or posted by the progress thread)
+    MessageOp m;
+    m.peer = op.peer;
+    m.region = op.region;
+    m.segments.push_back(Segment{op.src, op.nbytes, op.offset});
+    m.sig_region = op.sig_region;
+    m.sig_offset = op.sig_offset;
+    m.sig_value = op.sig_value;
+    m.stream = op.stream;
+    m.ordered = op.ordered;
+    m.tag = op.tag;
+    m.best_effort = op.best_effort;
+    put_message(m);
+    return;
+  }
+  // Posted now: the same checks as put_message without building a message (no heap
+  // allocation on the small-message path).
+  if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh.put: the mesh of rank ", opt_.rank, " is closed");
+  Peer& p = peer_ref(op.peer);
+  remote_ref(p, op.region, op.offset, op.nbytes, "data");
+  if (op.sig_region >= 0) {
+    remote_ref(p, op.sig_region, op.sig_offset, 8, "signal");
+    if (op.sig_offset % 8 != 0) AFDKIT_THROW(ValueError, "afdkit.mesh.put: signal offset must be 8-byte aligned");
+  }
+  if (op.best_effort && peer_state(op.peer) != 0) return;
+  if (!healthy(op.peer)) check_health(op.peer, "put");
+  tracer_.record(op.tag, op.peer, TraceKind::kEnqueue, op.nbytes);
+  static const Words kNoWords;
+  const Segment seg{op.src, op.nbytes, op.offset};
+  post_now(p, op.region, &seg, 1, kNoWords, op.sig_region, op.sig_offset, op.sig_value, op.tag);
 }
 
 void Engine::put_message(const MessageOp& op) {
@@ -372,9 +450,40 @@ void Engine::put_message(const MessageOp& op) {
     wake();
     return;
   }
+  post_now(p, op.region, op.segments.data(), op.segments.size(), op.words, op.sig_region, op.sig_offset,
+           op.sig_value, op.tag);
+}
+
+bool Engine::post_direct(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                         size_t sig_offset, uint64_t sig_value, uint64_t tag) {
+  size_t total = 0;
+  for (size_t i = 0; i < nseg; ++i) total += segs[i].nbytes;
+  if (total > opt_.direct_max_bytes) return false;
+  char* data = (total || !words.empty()) ? p.regions[region].direct : nullptr;
+  char* sig = sig_region >= 0 ? p.regions[sig_region].direct : nullptr;
+  if (((total || !words.empty()) && !data) || (sig_region >= 0 && !sig)) return false;
+  // Requests to this peer still in flight (e.g. cma puts progress in segments) could
+  // land after these stores: keep to UCX and its fences then.
+  if (p.rma_in_flight.load(std::memory_order_acquire) != 0 || p.fused_in_flight.load(std::memory_order_acquire) != 0)
+    return false;
+  for (size_t i = 0; i < nseg; ++i)
+    if (segs[i].nbytes) std::memcpy(data + segs[i].offset, segs[i].src, segs[i].nbytes);
+  for (const auto& w : words) __atomic_store_n(reinterpret_cast<uint64_t*>(data + w.first), w.second, __ATOMIC_RELAXED);
+  if (tracer_.enabled()) {
+    tracer_.record(tag, p.rank, TraceKind::kPosted, total);
+    if (total) tracer_.record(tag, p.rank, TraceKind::kCompleted, total);
+  }
+  // Release: a reader that sees the signal (acquire) sees the data and words before it.
+  if (sig) __atomic_store_n(reinterpret_cast<uint64_t*>(sig + sig_offset), sig_value, __ATOMIC_RELEASE);
+  return true;
+}
+
+void Engine::post_now(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                      size_t sig_offset, uint64_t sig_value, uint64_t tag) {
+  if (post_direct(p, region, segs, nseg, words, sig_region, sig_offset, sig_value, tag)) return;
   try {
     UcxLock lock(*this);
-    post_ucx_locked(op);
+    post_locked(p, region, segs, nseg, words, sig_region, sig_offset, sig_value, tag);
   } catch (const MeshPeerLost&) {
     // A peer that resets our connection has usually closed because another rank died
     // first; give that rank's report (or our own liveness check) a moment to arrive so
@@ -382,7 +491,7 @@ void Engine::put_message(const MessageOp& op) {
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(500);
     while (std::chrono::steady_clock::now() < deadline && lost_count() < 2)
       std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    check_health(op.peer, "put");
+    check_health(p.rank, "put");
     throw;
   }
 }
@@ -415,62 +524,108 @@ int Engine::lost_count() const {
   return n;
 }
 
-namespace {
-// Posts one ucp_put_nbx; returns true when it is still in flight.
-bool issue(ucp_ep_h ep, const void* src, size_t n, uintptr_t raddr, ucp_rkey_h rkey, OpCtx* ctx,
-           std::atomic<int64_t>& outstanding, const std::string& label) {
+OpCtx* Engine::take_ctx() {
+  if (ctx_pool_.empty()) return new OpCtx();
+  OpCtx* c = ctx_pool_.back();
+  ctx_pool_.pop_back();
+  return c;
+}
+
+// Posts one ucp_put_nbx; returns true when it is still in flight (then `ctx` belongs to
+// the request; else the caller still owns it).
+bool Engine::issue_put_locked(Peer& p, const void* src, size_t n, uintptr_t raddr, ucp_rkey_h rkey, OpCtx* ctx) {
   ucp_request_param_t prm{};
   prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;
-  prm.cb.send = put_done_cb;
+  prm.cb.send = request_done_cb;
   prm.user_data = ctx;
-  outstanding.fetch_add(1);
-  ucs_status_ptr_t st = ucp_put_nbx(ep, src, n, raddr, rkey, &prm);
-  if (st == nullptr) {  // completed in place
-    outstanding.fetch_sub(1);
-    return false;
-  }
+  ucs_status_ptr_t st = ucp_put_nbx(p.ep, src, n, raddr, rkey, &prm);
+  if (st == nullptr) return false;  // completed in place
   if (UCS_PTR_IS_ERR(st)) {
-    outstanding.fetch_sub(1);
-    delete ctx;
-    AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", label, " failed: ", ucs_status_string(UCS_PTR_STATUS(st)));
+    ctx_pool_.push_back(ctx);
+    AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", p.label, " failed: ", ucs_status_string(UCS_PTR_STATUS(st)));
   }
+  // The callback runs inside a later progress call, under the mutex we hold: counting
+  // after the post cannot race with it.
+  outstanding_.fetch_add(1);
+  p.rma_in_flight.fetch_add(1);
   return true;
 }
-}  // namespace
 
 void Engine::post_word_locked(Peer& p, const RemoteRegion& r, size_t offset, uint64_t value, uint64_t tag) {
-  auto* ctx = new OpCtx{this, tag, p.rank, 8, value, false};
-  if (issue(p.ep, &ctx->word, 8, r.addr + offset, r.rkey, ctx, outstanding_, p.label)) {
+  OpCtx* ctx = take_ctx();
+  *ctx = OpCtx{this, tag, p.rank, 8, false, false, value, {0, 0, 0}};
+  if (issue_put_locked(p, &ctx->word, 8, r.addr + offset, r.rkey, ctx)) {
     posts_.fetch_add(1);
     wake();
   } else {
-    delete ctx;
+    ctx_pool_.push_back(ctx);
   }
 }
 
 void Engine::post_ucx_locked(const MessageOp& op) {
-  Peer& p = *peers_[op.peer];
+  post_locked(*peers_[op.peer], op.region, op.segments.data(), op.segments.size(), op.words, op.sig_region,
+              op.sig_offset, op.sig_value, op.tag);
+}
+
+void Engine::drain_fused_locked(Peer& p) {
+  // A fused message still in flight (a congested socket) must leave before anything
+  // else to this peer, or a later message could overtake its data or signal. Rare: a
+  // fused send normally completes in place.
+  const int64_t deadline = now_ns() + 60 * 1000000000LL;
+  while (p.fused_in_flight > 0) {
+    ucp_worker_progress(worker_);
+    if (peer_state(p.rank) != 0 || now_ns() > deadline)
+      AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh.put to ", p.label, ": an earlier message did not leave (",
+                        p.fused_in_flight.load(), " in flight); ", describe_state(p.rank));
+  }
+}
+
+void Engine::post_locked(Peer& p, int region, const Segment* segs, size_t nseg, const Words& words, int sig_region,
+                         size_t sig_offset, uint64_t sig_value, uint64_t tag) {
+  size_t total = 0;
+  for (size_t i = 0; i < nseg; ++i) total += segs[i].nbytes;
+  if (p.fused) {
+    drain_fused_locked(p);
+    // One active message for data + signal, when nothing RMA to this peer is in flight
+    // that it could overtake (requests that completed locally sit in the socket before it).
+    // An unsignalled put goes the same way (no signal in the header): one message
+    // instead of UCX's emulated put and its completion reply.
+    const bool small = nseg <= 1 && words.empty() && total <= opt_.fused_max_bytes && (total > 0 || sig_region >= 0);
+    if (small && p.rma_in_flight == 0 && (sig_region < 0 || p.regions[sig_region].kind == MemKind::kHost) &&
+        (total == 0 || p.regions[region].kind == MemKind::kHost)) {
+      // Recorded before the message goes out, so that posted <= delivered across processes.
+      tracer_.record(tag, p.rank, TraceKind::kPosted, total);
+      const bool data = total > 0;
+      if (post_fused_locked(p, data ? &p.regions[region] : nullptr, data ? segs : nullptr,
+                            sig_region >= 0 ? &p.regions[sig_region] : nullptr, sig_offset, sig_value, tag)) {
+        posts_.fetch_add(1);
+        wake();
+      }
+      return;
+    }
+  }
   bool in_flight = false;
-  const size_t total = op.total_bytes();
-  for (const auto& seg : op.segments) {
+  for (size_t i = 0; i < nseg; ++i) {
+    const Segment& seg = segs[i];
     if (!seg.nbytes) continue;
-    const RemoteRegion& r = p.regions[op.region];
-    auto* ctx = new OpCtx{this, op.tag, op.peer, seg.nbytes, 0, tracer_.enabled()};
-    const bool pending = issue(p.ep, seg.src, seg.nbytes, r.addr + seg.offset, r.rkey, ctx, outstanding_, p.label);
+    const RemoteRegion& r = p.regions[region];
+    OpCtx* ctx = take_ctx();
+    *ctx = OpCtx{this, tag, p.rank, seg.nbytes, tracer_.enabled(), false, 0, {0, 0, 0}};
+    const bool pending = issue_put_locked(p, seg.src, seg.nbytes, r.addr + seg.offset, r.rkey, ctx);
     if (!pending) {
-      if (ctx->traced) tracer_.record(op.tag, op.peer, TraceKind::kCompleted, seg.nbytes);
-      delete ctx;
+      if (ctx->traced) tracer_.record(tag, p.rank, TraceKind::kCompleted, seg.nbytes);
+      ctx_pool_.push_back(ctx);
     }
     in_flight |= pending;
   }
-  for (const auto& w : op.words) post_word_locked(p, p.regions[op.region], w.first, w.second, 0);
+  for (const auto& w : words) post_word_locked(p, p.regions[region], w.first, w.second, 0);
   // Recorded before the signal goes out, so that posted <= delivered across processes.
-  tracer_.record(op.tag, op.peer, TraceKind::kPosted, total);
-  if (op.sig_region >= 0) {
+  tracer_.record(tag, p.rank, TraceKind::kPosted, total);
+  if (sig_region >= 0) {
     // The fence keeps the signal behind the data on every lane of this endpoint -- also
     // behind puts posted earlier without a signal (a signal-only put ends a bulk stream).
     ucx_check(ucp_worker_fence(worker_), "ucp_worker_fence");
-    post_word_locked(p, p.regions[op.sig_region], op.sig_offset, op.sig_value, op.tag);
+    post_word_locked(p, p.regions[sig_region], sig_offset, sig_value, tag);
   }
   if (in_flight) {
     posts_.fetch_add(1);

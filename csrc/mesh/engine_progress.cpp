@@ -10,6 +10,7 @@
 #include <cstdio>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include "common/errors.h"
 #include "mesh/engine.h"
@@ -69,6 +70,26 @@ void Engine::wake() {
     ssize_t ignored = ::write(wake_fd_, &one, sizeof(one));
     (void)ignored;
   }
+  unpark();
+}
+
+void Engine::unpark() {
+  if (parked_.load()) {
+    park_word_.fetch_add(1);
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&park_word_), FUTEX_WAKE_PRIVATE, 1, nullptr, nullptr, 0);
+  }
+}
+
+void Engine::park(int timeout_us) {
+  const uint32_t seen = park_word_.load();
+  parked_.store(true);
+  // Dekker-style with unpark(): a caller that bumped the word before `parked_` was
+  // visible is seen here; one that comes later sees `parked_` and wakes the futex.
+  if (spinning_waiters_.load() > 0 && park_word_.load() == seen) {
+    timespec ts{timeout_us / 1000000, (timeout_us % 1000000) * 1000L};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&park_word_), FUTEX_WAIT_PRIVATE, seen, &ts, nullptr, 0);
+  }
+  parked_.store(false);
 }
 
 void Engine::notify_waiters() {
@@ -103,8 +124,11 @@ void Engine::progress_loop() {
     }
     // A host wait that spins drives the worker itself: step aside (no second core burnt
     // on the same worker, no lock ping-pong) unless stream-ordered puts wait for posting.
+    // Parked, not polling: on a 2-core host a thread that wakes every few microseconds
+    // preempts the spinning waiter of this or the peer process. The park ends when the
+    // wait stops spinning, on wake(), or after 1 ms for the liveness check and watchdogs.
     if (spinning_waiters_.load() > 0 && pending_broadcasts_.load() == 0 && stream_puts_pending_.load() == 0) {
-      sleep_us(20);
+      park(n_stream_waits_.load() > 0 || n_flag_watches_.load() > 0 ? 500 : 1000);
       const int64_t t = now_ns();
       if (t - last_liveness > liveness_ns) {
         check_liveness();
@@ -112,10 +136,12 @@ void Engine::progress_loop() {
       }
       if (n_stream_waits_.load() > 0 && t - last_watch_ns_ > 1000000) {
         last_watch_ns_ = t;
+        watchdogs_ran_.store(true);
         watch_stream_waits(t);
       }
       if (n_flag_watches_.load() > 0 && t - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
         last_flag_watch_ns_ = t;
+        watchdogs_ran_.store(true);
         watch_flag_waits(t);
       }
       continue;
@@ -147,10 +173,12 @@ void Engine::progress_loop() {
     }
     if (n_stream_waits_.load() > 0 && now - last_watch_ns_ > 1000000) {  // at most every 1 ms
       last_watch_ns_ = now;
+      watchdogs_ran_.store(true);
       watch_stream_waits(now);
     }
     if (n_flag_watches_.load() > 0 && now - last_flag_watch_ns_ > kFlagWatchPeriodNs) {
       last_flag_watch_ns_ = now;
+      watchdogs_ran_.store(true);
       watch_flag_waits(now);
     }
     if (active) {
@@ -293,6 +321,20 @@ std::string Engine::describe_state(int subject) const {
   return out;
 }
 
+bool Engine::healthy(int peer) const {
+  for (int r = 0; r < opt_.world_size; ++r) {
+    const uint64_t kind = peer_state(r) & 0xff;
+    if (kind == static_cast<uint64_t>(PeerState::kLost) || kind == static_cast<uint64_t>(PeerState::kAborted))
+      return false;
+  }
+  if (peer >= 0 && peer_state(peer) != 0) return false;
+  if (watchdogs_ran_.load()) {
+    std::lock_guard<std::mutex> lock(error_mu_);
+    if (!stream_timeout_.empty()) return false;
+  }
+  return progress_error_.empty();
+}
+
 void Engine::check_health(int peer, const std::string& what) const {
   // Root causes (a crash, an abort) first, all of them: which one came first cannot be
   // told from here, and a peer that closed because of another's death is a consequence.
@@ -306,7 +348,7 @@ void Engine::check_health(int peer, const std::string& what) const {
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", lost, "; the mesh is unusable");
   if (peer >= 0 && peer_state(peer) != 0)
     AFDKIT_MESH_THROW(MeshPeerLost, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", describe_state(peer));
-  {
+  if (watchdogs_ran_.load()) {
     std::lock_guard<std::mutex> lock(error_mu_);
     if (!stream_timeout_.empty())
       AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " ", what, ": ", stream_timeout_);
@@ -332,56 +374,84 @@ uint64_t Engine::load(const uint64_t* word, MemKind kind) const {
 }
 
 void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double timeout_s, int peer,
-                  const std::string& what, uint64_t tag) {
+                  std::string_view what, uint64_t tag) {
   const int64_t start = now_ns();
   const int64_t deadline = start + static_cast<int64_t>(timeout_s * 1e9);
-  const int64_t spin_end = start + static_cast<int64_t>(opt_.spin_us) * 1000;
+  const int64_t spin_ns = static_cast<int64_t>(opt_.spin_us) * 1000;
+  // (No sched_yield while polling: tried every 20 us after 20 us without an answer, it
+  // cost a 1 MB shm message ~40 us on 2 cores -- the core went to another runnable thread
+  // for a time slice.)
+  int64_t last_active = start;
   int backoff_us = 1;
   // While spinning, the waiter drives the worker itself (data that the receiver's
-  // progress lands, e.g. over tcp, arrives without a thread handoff).
+  // progress lands, e.g. over tcp, arrives without a thread handoff); the progress
+  // thread parks meanwhile.
   struct Spinning {
-    std::atomic<int>& n;
+    Engine& e;
     bool on = true;
-    explicit Spinning(std::atomic<int>& c) : n(c) { n.fetch_add(1); }
-    void off() {
-      if (on) n.fetch_sub(1);
+    explicit Spinning(Engine& engine) : e(engine) { e.spinning_waiters_.fetch_add(1); }
+    // `hand_over`: the wait goes to sleep, so the progress thread must drive the worker
+    // now; a wait that returns only hands over work still in flight (else the progress
+    // thread resumes within its park timeout: no syscall on the fast path).
+    void off(bool hand_over) {
+      if (!on) return;
       on = false;
+      if (e.spinning_waiters_.fetch_sub(1) == 1 &&
+          (hand_over || e.outstanding_.load() > 0 || e.pending_broadcasts_.load() > 0))
+        e.unpark();
     }
-    ~Spinning() { off(); }
-  } spinning_guard(spinning_waiters_);
+    ~Spinning() { off(false); }
+  } spinning(*this);
+  uint32_t seen = activity_.load(std::memory_order_acquire);
+  uint64_t last_cur = load(word, kind);
   for (uint64_t iter = 0;; ++iter) {
-    const uint32_t seen = activity_.load(std::memory_order_acquire);
-    uint64_t cur = load(word, kind);
+    bool progressed = false;
+    if (spinning.on) {
+      // A burst of polls between clock reads: the word (plain loads for host words), and
+      // every 4th poll the worker (data the transport lands, e.g. over tcp; a progress
+      // call plus the mutex cost more than a poll, and shm data needs none).
+      const bool host = kind == MemKind::kHost;
+      for (int i = 0; i < 32; ++i) {
+        if ((host ? __atomic_load_n(word, __ATOMIC_ACQUIRE) : load(word, kind)) >= value) break;
+        if ((i & 3) == 0 && !closed_ && ucx_waiting_.load(std::memory_order_relaxed) == 0 && ucx_mu_.try_lock()) {
+          if (worker_) progressed |= ucp_worker_progress(worker_) != 0;
+          ucx_mu_.unlock();
+        }
+        cpu_relax();
+      }
+    }
+    // The activity counter before the word: a landing after this load bumps the counter
+    // past `act`, so the futex sleep below cannot miss it.
+    const uint32_t act = activity_.load(std::memory_order_acquire);
+    const uint64_t cur = load(word, kind);
     if (cur >= value) {
       tracer_.record(tag, peer, TraceKind::kDelivered, 0);
       return;
     }
     const int64_t now = now_ns();
-    const bool spinning = now < spin_end;
-    if (spinning && !closed_ && ucx_waiting_.load() == 0 && ucx_mu_.try_lock()) {
-      if (worker_) ucp_worker_progress(worker_);
-      ucx_mu_.unlock();
-    } else if (!spinning) {
-      spinning_guard.off();
-    }
-    if (!spinning || (iter & 63) == 0) {
-      if (closed_) AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", what, " on a closed mesh");
-      check_health(peer, str_cat("waiting for ", what));
+    // Traffic is recent while this wait's progress, the progress thread or the writer
+    // (the word moved) did something.
+    if (progressed || act != seen || cur != last_cur) last_active = now;
+    seen = act;
+    last_cur = cur;
+    if (!spinning.on || (iter & 3) == 0) {
+      if (closed_)
+        AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", std::string(what),
+                          " on a closed mesh");
+      if (!healthy(peer)) check_health(peer, str_cat("waiting for ", std::string(what)));
     }
     if (now > deadline) {
       char waited[32];
       std::snprintf(waited, sizeof(waited), "%.3f", (now - start) * 1e-9);
-      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", what,
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", std::string(what),
                    peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
                    " (signal is ", cur, ", expected >= ", value, ")");
     }
-    if (spinning) {
-      cpu_relax();
-      continue;
-    }
+    if (spinning.on && now - last_active < spin_ns) continue;
+    spinning.off(true);
     // Bounded adaptive backoff: no core burns while a slow peer computes; the progress
     // thread cuts the sleep short when it lands data.
-    sleep_on_activity(seen, backoff_us);
+    sleep_on_activity(act, backoff_us);
     backoff_us = std::min(backoff_us * 2, std::max(1, opt_.max_sleep_us));
   }
 }

@@ -38,13 +38,23 @@ class MeshConfig:
     mesh_id: str = "afdkit"
     timeout_s: float = 30.0  # default for waits, flushes and the bootstrap
     keepalive_s: float = 1.0  # how fast a silent dead peer is found (UCX keepalive + pid check)
-    spin_us: int = 50  # spin after activity before sleeping/backing off (latency vs CPU)
+    # Host waits poll (and drive UCX) until spin_us passed without any progress or change
+    # of the awaited word, then sleep with a backoff capped at max_sleep_us; the progress
+    # thread polls spin_us after its last activity, then blocks on the UCX event fd.
+    # Latency vs CPU: an idle rank burns nothing either way.
+    spin_us: int = 50
     max_sleep_us: int = 200  # cap of the backoff of host waits
     device: int | None = None  # this rank's CUDA device (IPC mappings); None on CPU-only ranks
     ucx_options: dict[str, str] = field(default_factory=dict)  # e.g. {"TLS": "tcp", "NET_DEVICES": "lo"}
     # UCX endpoint error handling: "auto" (UCX failure reports where a transport supports
     # them, else -- same host only -- the engine's own process check), "peer" or "none".
     err_mode: str = "auto"
+    # Over tcp a put + signal of up to this many bytes is one active message (data and
+    # signal written by the receiver); None: the engine's default (128 KiB), 0: off.
+    fused_max_bytes: int | None = None
+    # Same-host shm peers (UCX-allocated regions): a put + signal of up to this many bytes
+    # is a memcpy + release store into the peer's mapped memory; None: no limit, 0: off.
+    direct_max_bytes: int | None = None
     trace: bool = False
     trace_capacity: int = 1 << 16
 
@@ -85,10 +95,17 @@ class Mesh:
         self.rank, self.world_size, self.role = rank, world_size, role
         c = self.config
         native().mesh.check_ucx()  # refuse a libucp older than the build, naming both versions
+        ucx_options = dict(c.ucx_options)
+        for key, value in (("FUSED", c.fused_max_bytes), ("DIRECT", c.direct_max_bytes)):
+            if value is None:  # engine settings travel with the UCX options (AFDKIT_*)
+                continue
+            if int(value) < 0:
+                raise ValueError(f"afdkit.mesh.MeshConfig: {key.lower()}_max_bytes must be >= 0, got {value}")
+            ucx_options[f"AFDKIT_{key}_MAX_BYTES"] = str(int(value))
         self._engine = native().mesh.Engine(
             rank, world_size, device=-1 if c.device is None else c.device, keepalive_s=c.keepalive_s,
             spin_us=c.spin_us, max_sleep_us=c.max_sleep_us, trace_capacity=c.trace_capacity,
-            ucx_options=dict(c.ucx_options), err_mode=c.err_mode)
+            ucx_options=ucx_options, err_mode=c.err_mode)
         self._engine.trace_enable(c.trace)
         self._local: dict[str, _Local] = {}
         self._remote: dict[tuple[int, str], RemoteRegion] = {}
