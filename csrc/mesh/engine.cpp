@@ -230,6 +230,7 @@ int Engine::register_memory(void* ptr, size_t nbytes, MemKind kind, int device) 
     ucp_mem_unmap(context_, r.memh);
     throw;
   }
+  if (kind == MemKind::kHost) add_host_range(r.ptr, r.nbytes);
   regions_.push_back(std::move(r));
   owned_.push_back(false);
   return static_cast<int>(regions_.size()) - 1;
@@ -258,9 +259,27 @@ int Engine::allocate_host(size_t nbytes) {
   r.nbytes = nbytes;
   std::memset(r.ptr, 0, nbytes);
   r.rkey = pack_rkey(context_, r.memh);
+  add_host_range(r.ptr, r.nbytes);
   regions_.push_back(std::move(r));
   owned_.push_back(true);
   return static_cast<int>(regions_.size()) - 1;
+}
+
+void Engine::add_host_range(const void* ptr, size_t nbytes) {
+  const int n = n_host_ranges_.load();
+  if (n >= kMaxHostRanges) return;  // later regions just do not take the direct path
+  host_ranges_[n] = {reinterpret_cast<uintptr_t>(ptr), nbytes};
+  n_host_ranges_.store(n + 1, std::memory_order_release);
+}
+
+bool Engine::in_host_range(const void* ptr, size_t nbytes) const {
+  const auto a = reinterpret_cast<uintptr_t>(ptr);
+  const int n = n_host_ranges_.load(std::memory_order_acquire);
+  for (int i = 0; i < n; ++i) {
+    const auto& [base, len] = host_ranges_[i];
+    if (a >= base && a - base <= len && nbytes <= len - (a - base)) return true;
+  }
+  return false;
 }
 
 const LocalRegion& Engine::region(int id) const {
@@ -466,6 +485,8 @@ bool Engine::post_direct(Peer& p, int region, const Segment* segs, size_t nseg, 
   // land after these stores: keep to UCX and its fences then.
   if (p.rma_in_flight.load(std::memory_order_acquire) != 0 || p.fused_in_flight.load(std::memory_order_acquire) != 0)
     return false;
+  for (size_t i = 0; i < nseg; ++i)
+    if (segs[i].nbytes && !in_host_range(segs[i].src, segs[i].nbytes)) return false;  // unknown (maybe CUDA) memory
   for (size_t i = 0; i < nseg; ++i)
     if (segs[i].nbytes) std::memcpy(data + segs[i].offset, segs[i].src, segs[i].nbytes);
   for (const auto& w : words) __atomic_store_n(reinterpret_cast<uint64_t*>(data + w.first), w.second, __ATOMIC_RELAXED);

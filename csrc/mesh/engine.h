@@ -380,6 +380,13 @@ class Engine {
   std::atomic<int> stream_puts_pending_{0};  // stream_puts_.size(), readable without the lock
   std::atomic<int64_t> outstanding_{0};
   std::vector<OpCtx*> ctx_pool_;  // free request contexts (UCX mutex)
+  // This rank's registered host ranges, readable without the UCX mutex (the direct path
+  // takes only sources it knows are host memory: a CUDA pointer cannot be memcpy'd).
+  static constexpr int kMaxHostRanges = 64;
+  std::pair<uintptr_t, size_t> host_ranges_[kMaxHostRanges];
+  std::atomic<int> n_host_ranges_{0};
+  void add_host_range(const void* ptr, size_t nbytes);
+  bool in_host_range(const void* ptr, size_t nbytes) const;
   std::atomic<int> pending_broadcasts_{0};
   std::atomic<uint64_t> posts_{0};  // bumped by callers before they check sleeping_
   // Bumped by the progress thread after it made progress; host waits sleep on it (futex)

@@ -443,7 +443,8 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
     if (now > deadline) {
       char waited[32];
       std::snprintf(waited, sizeof(waited), "%.3f", (now - start) * 1e-9);
-      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited, " s waiting for ", std::string(what),
+      AFDKIT_MESH_THROW(MeshTimeout, "afdkit.mesh: rank ", opt_.rank, " timed out after ", waited,
+                   " s waiting for ", std::string(what),
                    peer >= 0 && peers_[peer] ? str_cat(" from ", peers_[peer]->label) : std::string(),
                    " (signal is ", cur, ", expected >= ", value, ")");
     }
