@@ -95,7 +95,9 @@ def _mesh_core(ctx: RankContext) -> dict:
 def _hold_stream(iters: int) -> None:
     """Keeps the GPU busy while the host queues ``iters`` iterations, so the timed loop
     measures the transport and not how fast Python enqueues (a ~20 us-per-iteration budget)."""
-    torch.cuda._sleep(int(min(iters * 20e-6, 0.5) * 2e9))
+    from afdkit.bench.common import hold_stream
+
+    hold_stream(min(iters * 20e-6, 0.5))
 
 
 def _gpu_pingpong(m, rank: int, peer: int, src, rb: int, rs: int, sig_ptr: int, size: int, n: int,

@@ -63,10 +63,11 @@ def _split_bytes(routes: list[tuple[torch.Tensor, torch.Tensor]],
 
 
 def _hold_stream(iters: int) -> None:
-    """Keeps the GPU busy while the host queues the timed iterations, so that the events
-    time the device work and not how fast Python issues graph replays and event records
-    (without it, a host slower than the exchange shows up as idle time between events)."""
-    torch.cuda._sleep(int(min(iters * 60e-6, 1.0) * 2e9))
+    """The stream waits while the timed iterations are queued (~60 us of host work each:
+    graph replays and event records); see afdkit.bench.common.hold_stream."""
+    from afdkit.bench.common import hold_stream
+
+    hold_stream(iters * 60e-6)
 
 
 def _median_ms(pairs: list[tuple[torch.cuda.Event, torch.cuda.Event]]) -> float:

@@ -58,6 +58,15 @@ def run_gpu_bench(name: str, args: Any, header: str, run: Callable[[], dict[str,
     return 0
 
 
+def hold_stream(seconds: float) -> None:
+    """Keeps the current CUDA stream busy for ``seconds`` (capped at 1 s) while the host
+    queues timed iterations behind it, so that CUDA events time the device work and not
+    how fast Python issues it."""
+    import torch
+
+    torch.cuda._sleep(int(min(seconds, 1.0) * 2e9))
+
+
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if not path:
         return

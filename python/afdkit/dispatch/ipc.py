@@ -355,18 +355,9 @@ class IpcDispatcher:
         and returns the :class:`DispatchOutput`. No host synchronization either way."""
         op = "afdkit.dispatch.IpcDispatcher.dispatch"
         self._guard(op)
-        val.validate_top_k(op, topk_ids, self.top_k)
-        if isinstance(x, torch.Tensor):
-            val.validate_device(op, x, self.device)
-        val.validate_dispatch(op, x, topk_ids, topk_weights, self.num_experts, self.max_tokens, self.hidden,
-                              self.quant, self.check_ids if check_ids is None else check_ids)
-        free = [s for s in range(self.depth) if s not in self._open]
-        if not free:
-            raise ValueError(f"{op}: {self.depth} dispatches already await their combine (depth = {self.depth}); "
-                             "combine one first")
+        slot = val.validate_dispatch_call(op, self, x, topk_ids, topk_weights, check_ids, self._open)
         from afdkit._dlpack import capsule
 
-        slot = free[0]
         if not x.is_contiguous():
             x = x.contiguous()
         elif x.numel() and x.data_ptr() % _ALIGN:

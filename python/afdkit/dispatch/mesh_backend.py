@@ -216,17 +216,9 @@ class MeshDispatcher:
         rank makes them in the same order."""
         op = "afdkit.dispatch.MeshDispatcher.dispatch"
         self._guard(op)
-        val.validate_top_k(op, topk_ids, self.top_k)
-        if isinstance(x, torch.Tensor):
-            val.validate_device(op, x, self.device)
-        val.validate_dispatch(op, x, topk_ids, topk_weights, self.num_experts, self.max_tokens, self.hidden,
-                              self.quant, self.check_ids if check_ids is None else check_ids)
-        free = [j for j in range(self.depth) if j not in self._open]
-        if not free:
-            raise ValueError(f"{op}: {self.depth} dispatches already await their combine (depth = {self.depth}); "
-                             "combine one first")
+        slot = val.validate_dispatch_call(op, self, x, topk_ids, topk_weights, check_ids, self._open)
         self._seq += 1
-        seq, slot = self._seq, free[0]
+        seq = self._seq
         prev = self._slot_seq[slot]
         self._slot_seq[slot] = seq
         send_rows = self._run(self._send_dispatch, x, topk_ids, topk_weights, seq, slot, prev)

@@ -8,6 +8,8 @@ top of ``dispatch`` and :func:`validate_combine` at the top of ``combine``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from afdkit import _validate as v
@@ -116,6 +118,24 @@ def validate_top_k(op: str, topk_ids: torch.Tensor, top_k: int) -> None:
     if isinstance(topk_ids, torch.Tensor) and topk_ids.dim() == 2 and topk_ids.shape[1] != top_k:
         raise ValueError(f"{op}: this dispatcher was built for top_k = {top_k}, but 'topk_ids' has "
                          f"{topk_ids.shape[1]} columns")
+
+
+def validate_dispatch_call(op: str, disp: Any, x: torch.Tensor, topk_ids: torch.Tensor,
+                           topk_weights: torch.Tensor, check_ids: bool | None, open_slots: Any) -> int:
+    """Everything a backend's ``dispatch`` checks before it moves anything (shapes, dtypes,
+    device, ids, a free slot); returns the lowest slot no open dispatch holds. ``disp`` has
+    the dispatcher attributes both backends share (top_k, device, num_experts, max_tokens,
+    hidden, quant, check_ids, depth)."""
+    validate_top_k(op, topk_ids, disp.top_k)
+    if isinstance(x, torch.Tensor):
+        validate_device(op, x, disp.device)
+    validate_dispatch(op, x, topk_ids, topk_weights, disp.num_experts, disp.max_tokens, disp.hidden, disp.quant,
+                      disp.check_ids if check_ids is None else check_ids)
+    free = [s for s in range(disp.depth) if s not in open_slots]
+    if not free:
+        raise ValueError(f"{op}: {disp.depth} dispatches already await their combine (depth = {disp.depth}); "
+                         "combine one first")
+    return free[0]
 
 
 def validate_combine(op: str, expert_out: torch.Tensor, capacity: int, hidden: int, device: torch.device) -> None:
