@@ -423,8 +423,9 @@ def _table(name: str, mesh: dict, ref: dict, ref_name: str) -> str:
             f"{'mesh MB/s':>10} | {ref_name + ' MB/s':>14} | {'bw x':>5}"]
     for size in sorted(k for k in mesh if isinstance(k, int)):
         m, r = mesh[size], ref.get(size)
-        lat_ratio = f"{m['p50_us'] / r['p50_us']:.2f}" if r else "-"
-        bw_ratio = f"{m['bw_MBps'] / r['bw_MBps']:.2f}" if r else "-"
+        # perftest prints MB/s with 2 decimals: 8 B on a loaded host can read 0.00
+        lat_ratio = f"{m['p50_us'] / r['p50_us']:.2f}" if r and r["p50_us"] > 0 else "-"
+        bw_ratio = f"{m['bw_MBps'] / r['bw_MBps']:.2f}" if r and r["bw_MBps"] > 0 else "-"
         rows.append(f"{_fmt_size(size):>7} | {m['p50_us']:9.1f} {m['p99_us']:9.1f} | "
                     f"{(r['p50_us'] if r else float('nan')):14.1f} | {lat_ratio:>6} | {m['bw_MBps']:10.0f} | "
                     f"{(r['bw_MBps'] if r else float('nan')):14.0f} | {bw_ratio:>5}")
