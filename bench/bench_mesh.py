@@ -86,6 +86,9 @@ def _mesh_core(ctx: RankContext) -> dict:
             bw = size * max(10, n // 2) / bw_s / 1e6
         out[size] = {"p50_us": _pct(lat, 0.5), "p99_us": _pct(lat, 0.99), "bw_MBps": bw}
     out["backend"] = m.remote(peer, "buf").backend
+    # The error handling mode and UCX's lanes of the endpoint ("rma_bw": zero-copy puts).
+    out["endpoint"] = [ln.strip("# ").strip() for ln in m.endpoint_info(peer).splitlines()
+                       if "afdkit.mesh endpoint" in ln or "lane[" in ln]
     out["stats"] = e.stats()
     out["err_mode"] = a.get("err_mode", "auto")
     m.close()
@@ -396,12 +399,12 @@ def _median_of_runs(runs: list[dict]) -> dict:
     """Per size, the median over repeated runs of each number (a shared host's noise
     comes in bursts: one run's p50 can be off by 100x); the runs stay in the JSON."""
     out: dict[Any, Any] = {}
-    for size in SIZES:
+    for size in sorted({k for r in runs for k in r if isinstance(k, int)}):  # --sizes beyond SIZES too
         vals = [r[size] for r in runs if size in r]
         if vals:
             out[size] = {k: sorted(v[k] for v in vals)[len(vals) // 2] for k in vals[0]
                          if isinstance(vals[0][k], (int, float))}
-    for key in ("backend", "stats", "err_mode"):
+    for key in ("backend", "stats", "err_mode", "endpoint"):
         if runs and key in runs[-1]:
             out[key] = runs[-1][key]
     return out
@@ -418,12 +421,11 @@ def _table(name: str, mesh: dict, ref: dict, ref_name: str) -> str:
     rows = [f"== {name}: afdkit.mesh ({mesh.get('backend', '?')}) vs {ref_name} ==",
             f"{'size':>7} | {'mesh p50':>9} {'p99':>9} | {ref_name + ' p50':>14} | {'lat x':>6} | "
             f"{'mesh MB/s':>10} | {ref_name + ' MB/s':>14} | {'bw x':>5}"]
-    for size in SIZES:
-        if size not in mesh:
-            continue
+    for size in sorted(k for k in mesh if isinstance(k, int)):
         m, r = mesh[size], ref.get(size)
-        lat_ratio = f"{m['p50_us'] / r['p50_us']:.2f}" if r else "-"
-        bw_ratio = f"{m['bw_MBps'] / r['bw_MBps']:.2f}" if r else "-"
+        # perftest prints MB/s with 2 decimals: 8 B on a loaded host can read 0.00
+        lat_ratio = f"{m['p50_us'] / r['p50_us']:.2f}" if r and r["p50_us"] > 0 else "-"
+        bw_ratio = f"{m['bw_MBps'] / r['bw_MBps']:.2f}" if r and r["bw_MBps"] > 0 else "-"
         rows.append(f"{_fmt_size(size):>7} | {m['p50_us']:9.1f} {m['p99_us']:9.1f} | "
                     f"{(r['p50_us'] if r else float('nan')):14.1f} | {lat_ratio:>6} | {m['bw_MBps']:10.0f} | "
                     f"{(r['bw_MBps'] if r else float('nan')):14.0f} | {bw_ratio:>5}")

@@ -153,6 +153,58 @@ def test_dead_peer_raises(transport: str) -> None:
     assert "rank 1" in out["msg"], out
 
 
+def _zero_copy_victim(ctx: RankContext) -> dict:
+    """tcp: large puts are UCX's zero-copy put also on endpoints with error handling
+    (the engine turns rendezvous off, see make_context); rank 1 checks a few 1 MB
+    messages, then dies (SIGKILL) while rank 0 streams more: rank 0 must raise."""
+    from afdkit.mesh import MeshPeerLost, MeshTimeout
+
+    m = _mesh(ctx, timeout_s=ctx.args["timeout_s"], keepalive_s=0.5, err_mode=ctx.args["err_mode"])
+    size = 1 << 20
+    src = m.alloc("src", size)
+    buf = m.alloc("buf", size)
+    m.alloc("sig", 64)
+    m.connect(ctx.store(), b"core-secret")
+    peer, info, t0 = 1 - ctx.rank, "", time.monotonic()
+    for i in range(1, 10_000):
+        try:
+            if ctx.rank == 0:
+                src.fill_(i % 251)
+                m.put(src, peer, "buf", nbytes=size // 2)  # unsignalled, then a signalled put
+                m.put(src[size // 2:], peer, "buf", size // 2, signal=("sig", 8, i))
+                t0 = time.monotonic()
+                m.wait("sig", 0, i, peer=peer)  # rank 1 checked the data: src may change
+                if i == 3:
+                    info = m.endpoint_info(peer)
+            else:
+                m.wait("sig", 8, i, peer=peer)
+                assert bool((buf == i % 251).all()), f"message {i}: stale data after the signal"
+                if i == 5:
+                    os.kill(os.getpid(), signal.SIGKILL)
+                m.put(src[:8], peer, "sig", nbytes=0, signal=("sig", 0, i))
+        except (MeshPeerLost, MeshTimeout) as exc:
+            return {"type": type(exc).__name__, "msg": str(exc), "after_s": time.monotonic() - t0, "i": i,
+                    "info": info}
+    return {"type": "none"}
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("err_mode", ["auto", "none"])
+def test_tcp_zero_copy_puts_and_dead_peer(err_mode: str) -> None:
+    timeout_s = 8.0
+    res = run_ranks(_zero_copy_victim, ["attention", "ffn"], args={"timeout_s": timeout_s, "err_mode": err_mode},
+                    env=UCX_ENVS["tcp"], timeout_s=45)
+    assert not res[1].ok and res[1].exitcode == -signal.SIGKILL
+    assert res[0].ok, res[0].error
+    out = res[0].value
+    assert out["type"] in ("MeshPeerLost", "MeshTimeout"), out
+    assert out["i"] == 5 and out["after_s"] < timeout_s + 1.0, out
+    assert "rank 1" in out["msg"], out
+    # auto: UCX error handling (mode PEER) with tcp's zero-copy put ("rma_bw" lane).
+    assert f"err_mode {'peer' if err_mode == 'auto' else 'none'}" in out["info"], out["info"]
+    assert "rma_bw" in out["info"], out["info"]
+
+
 def _bulk_then_signal(ctx: RankContext) -> int:
     """Several large puts without a signal, then a signal-only put (and the fused
     put_message): the signal must never overtake the data (it did on shm, unfenced)."""

@@ -239,6 +239,7 @@ void register_mesh(py::module_& m) {
            py::arg("ipc_offset"))
       .def("set_peer_control", &Engine::set_peer_control, py::arg("peer"), py::arg("region"))
       .def("backend", &Engine::backend, py::arg("peer"), py::arg("region"))
+      .def("endpoint_info", &Engine::endpoint_info, py::arg("peer"))
       .def("put", &put, py::arg("src"), py::arg("nbytes"), py::arg("peer"), py::arg("region"), py::arg("offset") = 0,
            py::arg("sig_region") = -1, py::arg("sig_offset") = 0, py::arg("sig_value") = 0, py::arg("stream") = 0,
            py::arg("tag") = 0, py::arg("best_effort") = false, py::arg("ordered") = py::none(),

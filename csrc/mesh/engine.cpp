@@ -88,6 +88,14 @@ ucp_context_h make_context(const EngineOptions& o) {
   for (const char* key : {"TCP_TX_SEG_SIZE", "TCP_RX_SEG_SIZE"}) {
     if (!user_sets_ucx_option(o, key)) ucp_config_modify(cfg, key, "256K");
   }
+  // No rendezvous (the engine's only active messages are eager: fused messages). With
+  // rendezvous enabled, UCX gives endpoints with error handling (mode PEER) only
+  // bandwidth lanes whose memory domain can invalidate remote access (select.c:
+  // UCT_MD_FLAG_INVALIDATE_RMA), which tcp's cannot: their puts fell back to the
+  // active-message emulation (a copy on each side, a reply per segment). Without it a
+  // PEER endpoint gets tcp's zero-copy put, as one without error handling does: the
+  // sender writes from the source, the receiver reads the socket into the destination.
+  if (!user_sets_ucx_option(o, "RNDV_THRESH")) ucp_config_modify(cfg, "RNDV_THRESH", "inf");
   for (const auto& [k, v] : o.ucx_options) {
     if (k.rfind("AFDKIT_", 0) == 0) continue;  // engine settings (see Engine::Engine)
     if (ucp_config_modify(cfg, k.c_str(), v.c_str()) != UCS_OK) {
@@ -379,6 +387,24 @@ std::string Engine::backend(int peer, int remote_region) {
   if (remote_region < 0 || remote_region >= static_cast<int>(p.regions.size()))
     AFDKIT_THROW(ValueError, "afdkit.mesh: unknown remote region ", remote_region, " of ", p.label);
   return p.regions[remote_region].ipc_ptr ? "ipc" : "ucx";
+}
+
+std::string Engine::endpoint_info(int peer) {
+  Peer& p = peer_ref(peer);
+  std::string out = std::string("# afdkit.mesh endpoint to ") + p.label + ": err_mode " + (p.err_peer ? "peer" : "none") +
+                    (p.fused ? ", fused messages" : "") + "\n";
+  char* text = nullptr;
+  size_t len = 0;
+  FILE* f = open_memstream(&text, &len);
+  if (!f) return out;
+  {
+    UcxLock lock(*this);
+    ucp_ep_print_info(p.ep, f);
+  }
+  std::fclose(f);
+  out.append(text, len);
+  std::free(text);
+  return out;
 }
 
 // ---- put ------------------------------------------------------------------------

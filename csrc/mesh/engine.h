@@ -210,6 +210,10 @@ class Engine {
   void set_peer_control(int peer, int remote_region) { peer_ref(peer).ctrl_region = remote_region; }
   // "ipc" when puts to this remote region from a stream use CUDA IPC, else "ucx".
   std::string backend(int peer, int remote_region);
+  // UCX's description of the endpoint to `peer` (ucp_ep_print_info: its lanes and what
+  // each carries, e.g. "rma_bw" where puts are zero-copy), after one line naming the
+  // error handling mode the engine chose for it.
+  std::string endpoint_info(int peer);
 
   // ---- data path -----------------------------------------------------------
   void put(const PutOp& op);

@@ -237,6 +237,11 @@ class Mesh:
             raise ValueError(f"afdkit.mesh: rank {self.rank} has no region named '{name}' "
                              f"(known: {sorted(self._local)})") from None
 
+    def endpoint_info(self, peer: int) -> str:
+        """UCX's description of the endpoint to ``peer`` (its lanes: ``rma_bw`` marks
+        zero-copy puts), after a line with the error handling mode chosen for it."""
+        return self._engine.endpoint_info(peer)
+
     @property
     def engine(self) -> Any:
         """The native engine (raw pointers, for hot loops such as benchmarks)."""
