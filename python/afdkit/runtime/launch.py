@@ -365,16 +365,19 @@ def launch_torchrun(cfg: RunConfig, env: dict[str, Any],
         res = run_colocated_rank(cfg, rank, env["local_rank"], on_step)
     else:
         res = run_afd_rank(cfg, rank, env["local_rank"], store, secret_text.encode(), mesh_id, on_step)
-    store.set(f"{mesh_id}/result/{rank}", pickle.dumps(res))
     outcome.results[rank] = res
     if rank == 0:
         for r in range(1, world):
             key = f"{mesh_id}/result/{r}"
             store.wait([key], timeout)
             outcome.results[r] = pickle.loads(store.get(key))
-        store.set(f"{mesh_id}/gathered", b"1")
     else:
-        store.wait([f"{mesh_id}/gathered"], timeout)  # keep rank 0's store alive until it has read
+        # The last store call of a rank other than 0. It returns once the store (in rank
+        # 0's process) holds the result, and rank 0 reads it before it exits. No call may
+        # follow: rank 0 may be gone by then, and a wait for a "gathered" key, once done
+        # here, failed whenever a loaded host scheduled this rank only after rank 0 had
+        # set that key and exited ("Connection was likely closed").
+        store.set(f"{mesh_id}/result/{rank}", pickle.dumps(res))
     outcome.wall_s = time.monotonic() - t0
     return outcome
 
