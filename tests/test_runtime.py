@@ -84,10 +84,19 @@ def test_split_tokens_differ_from_a_different_split() -> None:
     assert not (logits[0] == logits[1]).all()
 
 
+def _as_foreground_job() -> None:
+    """In the child before exec: SIGINT at its default, as a terminal's foreground job
+    has it. A test runner started in the background of a non-interactive shell passes
+    SIGINT on ignored, and a launcher that inherits it ignored rightly ignores Ctrl-C:
+    without this the Ctrl-C test failed whenever the suite was run that way."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_cli(args: list[str], tmp_path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "-m", "afdkit.cli", "run", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=tmp_path, start_new_session=True,
+                            preexec_fn=_as_foreground_job)
 
 
 def _pids_and_first_step(proc: subprocess.Popen, deadline_s: float) -> tuple[dict[int, int], list[str]]:

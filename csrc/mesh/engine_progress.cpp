@@ -438,7 +438,16 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
       if (closed_)
         AFDKIT_MESH_THROW(MeshError, "afdkit.mesh: rank ", opt_.rank, " waits for ", std::string(what),
                           " on a closed mesh");
-      if (!healthy(peer)) check_health(peer, str_cat("waiting for ", std::string(what)));
+      if (!healthy(peer)) {
+        // A peer's last data and signal land before its departure notice (one endpoint,
+        // in order), but both may land between the load above and this check (a waiter
+        // preempted on a loaded host took the finished peer for a failure): look again.
+        if (load(word, kind) >= value) {
+          tracer_.record(tag, peer, TraceKind::kDelivered, 0);
+          return;
+        }
+        check_health(peer, str_cat("waiting for ", std::string(what)));
+      }
     }
     if (now > deadline) {
       char waited[32];
@@ -581,11 +590,19 @@ void Engine::close(double timeout_s) {
     flush(timeout_s);
   } catch (const std::exception&) {
   }
-  // Remote completion of what we sent (the announcement included) before the sockets close.
+  // Remote completion of what we sent (the announcement included) before the sockets close,
+  // to every peer not lost: one that announced its own leaving too, where the endpoint
+  // handles errors (tcp). There a put is an active message that the receiver acknowledges,
+  // and UCX (1.22) aborts a receiver whose acknowledgement meets a closed socket
+  // ("ucp_request.inl:356 Fatal: unexpected error: Endpoint timeout"). Two ranks closing
+  // at once used to skip the flush to each other (each had announced leaving), so one
+  // could close before the other had acknowledged its announcement, and kill it.
   std::vector<std::unique_ptr<FlushState>> flushes;
   UcxLock lock(*this);
   for (auto& p : peers_) {
-    if (!p || !p->ep || peer_state(p->rank) != 0) continue;
+    if (!p || !p->ep) continue;
+    const uint64_t state = peer_state(p->rank);
+    if (state != 0 && (!p->err_peer || (state & 0xff) != static_cast<uint64_t>(PeerState::kLeft))) continue;
     auto st = std::make_unique<FlushState>();
     ucp_request_param_t prm{};
     prm.op_attr_mask = UCP_OP_ATTR_FIELD_CALLBACK | UCP_OP_ATTR_FIELD_USER_DATA;

@@ -12,8 +12,16 @@ found by the peers' liveness checks within the keepalive interval, and by the
 launcher through its exit status. Either way the launcher waits at most the mesh
 timeout (plus a margin) for the others to exit, kills whatever is left, and names the
 rank that failed first. Ctrl-C: the workers ignore SIGINT; the launcher sends them
-SIGTERM (they abort their meshes and exit), waits briefly, then kills. Workers also
-exit when their launcher disappears, so no process outlives a run.
+SIGTERM (they abort their meshes and exit), waits briefly, then kills (at once on a
+second Ctrl-C). Workers also exit when their launcher disappears, so no process
+outlives a run.
+
+The launcher turns SIGINT into a flag its loop polls instead of taking it as a
+KeyboardInterrupt: an exception raised at an arbitrary bytecode can be swallowed
+(a finalizer, a callback) or cut a shutdown in half (a second Ctrl-C). SIGINT is
+blocked while a worker starts, so a Ctrl-C in that window cannot kill a worker
+before it ignores SIGINT. A launcher that inherited SIGINT ignored (a shell's
+background job) keeps ignoring it, as any program does.
 """
 
 from __future__ import annotations
@@ -108,6 +116,8 @@ def _child(rank: int, cfg: RunConfig, store_port: int, secret: bytes, mesh_id: s
            messages: Any, parent_pid: int) -> None:
     os.environ.update(env)  # before UCX reads its configuration
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the launcher's to handle
+    # Started with SIGINT blocked (see _start): a Ctrl-C pending since then is discarded.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
     signal.signal(signal.SIGTERM, _on_sigterm)
     threading.Thread(target=_watch_parent, args=(parent_pid,), daemon=True).start()
     try:
@@ -203,16 +213,54 @@ class _Monitor:
         return self.outcome
 
 
-def _stop(procs: list[Any], grace_s: float) -> None:
+class _Interrupts:
+    """SIGINT as a counter the launcher polls (main thread only; elsewhere, and where
+    SIGINT was inherited ignored, the disposition is left as it is)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: Any = None
+
+    def __enter__(self) -> "_Interrupts":
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            self._saved = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum: int, frame: Any) -> None:
+        self.count += 1
+
+    def __exit__(self, *exc: object) -> None:
+        if self._saved is not None:
+            signal.signal(signal.SIGINT, self._saved)
+            self._saved = None
+
+
+def _start(p: Any) -> None:
+    """Starts a worker with SIGINT blocked: it inherits the mask across fork and exec
+    and unblocks SIGINT only once it ignores it (a Ctrl-C that comes while it imports
+    must not kill it with a KeyboardInterrupt of its own)."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        p.start()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _stop(procs: list[Any], grace_s: float, hurry: Callable[[], bool] = lambda: False) -> None:
+    """SIGTERM to every live worker, up to ``grace_s`` for them to exit (cut short when
+    ``hurry()`` turns true, e.g. a second Ctrl-C), then SIGKILL. Always reaps them."""
     for p in procs:
         if p.is_alive():
             p.terminate()
     deadline = time.monotonic() + grace_s
-    for p in procs:
-        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    while time.monotonic() < deadline and not hurry() and any(p.is_alive() for p in procs):
+        time.sleep(0.05)
     for p in procs:
         if p.is_alive():
             p.kill()
+    for p in procs:
+        if p.pid is not None:  # started
             p.join(timeout=5)
 
 
@@ -235,36 +283,47 @@ def launch_local(cfg: RunConfig, on_start: Callable[[dict[int, int]], None] | No
                          name=f"afdkit-rank{r}", daemon=True) for r in range(cfg.world_size)]
     mon = _Monitor(cfg, procs, messages, on_step)
     t0 = time.monotonic()
-    fail_deadline: float | None = None
-    try:
-        for p in procs:
-            p.start()
-        mon.outcome.pids = {r: p.pid for r, p in enumerate(procs)}
-        if on_start is not None:
-            on_start(mon.outcome.pids)
-        while True:
-            mon.drain(0.1)
-            mon.check_exits()
-            if all(not p.is_alive() for p in procs):
-                mon.drain(0.2)
-                if all(mon.settled(r) for r in range(len(procs))) or time.monotonic() - max(
-                        mon.dead_since.values(), default=0.0) > _REPORT_GRACE_S:
-                    break
-            if fail_deadline is None and mon.failed():
-                # The peers fail within the mesh timeout (at once if the failed rank aborted).
-                fail_deadline = time.monotonic() + cfg.timeout_s + 5.0
-            if fail_deadline is not None and time.monotonic() > fail_deadline:
-                _stop(procs, 2.0)
-                mon.drain(0.2)
-                break
-    except KeyboardInterrupt:
-        mon.outcome.interrupted = True
-        _stop(procs, _TERM_GRACE_S)
-    finally:
-        _stop(procs, 2.0)
-        mon.outcome.wall_s = time.monotonic() - t0
-        messages.close()
+    with _Interrupts() as intr:
+        try:
+            _run_loop(cfg, procs, mon, intr, on_start)
+        finally:
+            if intr.count:
+                mon.outcome.interrupted = True
+                seen = intr.count
+                _stop(procs, _TERM_GRACE_S, hurry=lambda: intr.count > seen)
+            _stop(procs, 2.0)
+            mon.outcome.wall_s = time.monotonic() - t0
+            messages.close()
     return mon.finish()
+
+
+def _run_loop(cfg: RunConfig, procs: list[Any], mon: _Monitor, intr: _Interrupts,
+              on_start: Callable[[dict[int, int]], None] | None) -> None:
+    """Starts the workers and watches them until all ended, a failure's deadline
+    passed (workers then stopped) or Ctrl-C (``intr.count``; the caller stops them)."""
+    fail_deadline: float | None = None
+    for p in procs:
+        if intr.count:
+            return
+        _start(p)
+    mon.outcome.pids = {r: p.pid for r, p in enumerate(procs)}
+    if on_start is not None:
+        on_start(mon.outcome.pids)
+    while not intr.count:
+        mon.drain(0.1)
+        mon.check_exits()
+        if all(not p.is_alive() for p in procs):
+            mon.drain(0.2)
+            if all(mon.settled(r) for r in range(len(procs))) or time.monotonic() - max(
+                    mon.dead_since.values(), default=0.0) > _REPORT_GRACE_S:
+                return
+        if fail_deadline is None and mon.failed():
+            # The peers fail within the mesh timeout (at once if the failed rank aborted).
+            fail_deadline = time.monotonic() + cfg.timeout_s + 5.0
+        if fail_deadline is not None and time.monotonic() > fail_deadline:
+            _stop(procs, 2.0)
+            mon.drain(0.2)
+            return
 
 
 def torchrun_env() -> dict[str, Any] | None:
@@ -306,16 +365,19 @@ def launch_torchrun(cfg: RunConfig, env: dict[str, Any],
         res = run_colocated_rank(cfg, rank, env["local_rank"], on_step)
     else:
         res = run_afd_rank(cfg, rank, env["local_rank"], store, secret_text.encode(), mesh_id, on_step)
-    store.set(f"{mesh_id}/result/{rank}", pickle.dumps(res))
     outcome.results[rank] = res
     if rank == 0:
         for r in range(1, world):
             key = f"{mesh_id}/result/{r}"
             store.wait([key], timeout)
             outcome.results[r] = pickle.loads(store.get(key))
-        store.set(f"{mesh_id}/gathered", b"1")
     else:
-        store.wait([f"{mesh_id}/gathered"], timeout)  # keep rank 0's store alive until it has read
+        # The last store call of a rank other than 0. It returns once the store (in rank
+        # 0's process) holds the result, and rank 0 reads it before it exits. No call may
+        # follow: rank 0 may be gone by then, and a wait for a "gathered" key, once done
+        # here, failed whenever a loaded host scheduled this rank only after rank 0 had
+        # set that key and exited ("Connection was likely closed").
+        store.set(f"{mesh_id}/result/{rank}", pickle.dumps(res))
     outcome.wall_s = time.monotonic() - t0
     return outcome
 
