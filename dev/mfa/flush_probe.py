@@ -13,33 +13,18 @@ much of a small-batch time is the flush's write-back rather than the op.
 
 from __future__ import annotations
 
-import statistics
-
 import torch
 
 from afdkit import mfa
 from afdkit.bench.mfa import _make_inputs
+from afdkit.testing import bench
 
 REPS = 30
 
 
 def timed(fn, flush) -> float:
-    g = torch.cuda.CUDAGraph()
-    fn()
-    torch.cuda.synchronize()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    times = []
-    for _ in range(REPS):
-        flush()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3)
-    return statistics.median(times)
+    """Median us of CUDA-graph replays of ``fn``, ``flush`` run before each (untimed)."""
+    return bench(fn, reps=REPS, graph=True, flush=flush).median_us
 
 
 def main() -> None:

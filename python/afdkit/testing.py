@@ -41,16 +41,19 @@ class Timing:
 
 
 def bench(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30, flush_l2: bool = True,
-          graph: bool = False) -> Timing:
+          graph: bool = False, flush: Callable[[], object] | None = None) -> Timing:
     """Median of ``reps`` event-timed calls of ``fn`` on the current CUDA stream.
 
     With ``flush_l2`` a 256 MB buffer is overwritten before every call (outside the
     timed region), so each call reads its inputs from HBM as it would in a decode step.
     With ``graph`` the call is captured once in a CUDA graph and its replays are timed:
     the device time of the op without Python and launch overhead (how a decode step
-    runs in a serving engine).
+    runs in a serving engine). ``flush``, when given, replaces that overwrite: any call
+    that readies the caches before each timed call (dev/mfa/flush_probe.py compares some).
     """
-    flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda") if flush_l2 else None
+    if flush is None and flush_l2:
+        buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
+        flush = buf.zero_
     for _ in range(warmup):
         fn()
     if graph:
@@ -64,7 +67,7 @@ def bench(fn: Callable[[], object], *, warmup: int = 5, reps: int = 30, flush_l2
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
     for i in range(reps):
         if flush is not None:
-            flush.zero_()
+            flush()
         starts[i].record()
         fn()
         ends[i].record()
