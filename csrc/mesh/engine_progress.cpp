@@ -441,11 +441,9 @@ void Engine::wait(const uint64_t* word, MemKind kind, uint64_t value, double tim
       if (!healthy(peer)) {
         // A peer's last data and signal land before its departure notice (one endpoint,
         // in order), but both may land between the load above and this check (a waiter
-        // preempted on a loaded host took the finished peer for a failure): look again.
-        if (load(word, kind) >= value) {
-          tracer_.record(tag, peer, TraceKind::kDelivered, 0);
-          return;
-        }
+        // preempted on a loaded host took the finished peer for a failure): look again;
+        // the next pass of the loop finds the word and returns.
+        if (load(word, kind) >= value) continue;
         check_health(peer, str_cat("waiting for ", std::string(what)));
       }
     }
