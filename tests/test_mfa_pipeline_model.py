@@ -1,4 +1,4 @@
-"""The synchronisation model of the pending v5 MFA kernel (dev/pending/mfa_v5_pipeline_model.py).
+"""The synchronisation model of the v5 MFA kernel (dev/mfa/v5_pipeline_model.py).
 
 Random interleavings of the loader threads, the two consumers and the copies over
 mbarrier-like objects: the design must never deadlock or let a reader see another
@@ -13,7 +13,7 @@ import sys
 
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "pending" / "mfa_v5_pipeline_model.py"
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "mfa" / "v5_pipeline_model.py"
 
 
 def _model():

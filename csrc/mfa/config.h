@@ -25,24 +25,41 @@ constexpr int kPlanThreads = 32;
 // ---- sm90 kernel ---------------------------------------------------------------
 constexpr int kRowsPerCta = 64;        // one wgmma M; rows = q_len x heads-per-kv, padded
 constexpr int kWarpgroup = 128;
-constexpr int kNumConsumerWg = 2;      // each owns half of the 256 dims (S partial, O cols)
+constexpr int kNumConsumerWg = 2;      // consumer c takes the tiles j with j % 2 == c (all 256 dims)
 constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 loads + converts
-constexpr int kDimsPerConsumer = kHeadDim / kNumConsumerWg;  // 128
-constexpr int kLoaderRegs = 88;        // setmaxnreg targets; 128*88 + 256*200 <= 64K. The
-constexpr int kConsumerRegs = 200;     // loader batches 4 raw reads per convert step (spills at 80).
+constexpr int kMergeDims = kHeadDim / kNumConsumerWg;  // epilogue: consumer c writes dims [128c, +128)
+// setmaxnreg targets. The pool is what the launch allocated: 168 registers (the cap
+// for 384 threads) x 384; asking for more makes setmaxnreg.inc wait forever.
+// Consumers hold O (64 x 256 fp32: 128 registers) + S + the next Q and need 216;
+// at these caps ptxas parks 16 bytes per segment (consumers) and 8 bytes per
+// half-tile (loader) in local memory, both L1 hits.
+constexpr int kLaunchRegs = 168;
+constexpr int kLoaderRegs = 72;
+constexpr int kConsumerRegs = 216;
 constexpr int kSwizzleBytes = 128;     // 128B swizzle: 64 fp16 per swizzle row
 constexpr int kSwizzleCols = kSwizzleBytes / 2;
 constexpr int kOpTileBytes = kTileN * kHeadDim * 2;   // one fp16/bf16 64x256 operand tile
 constexpr int kColBlockBytes = kTileN * kSwizzleBytes; // 64 rows x 128 B = 8 KB
-constexpr int kRawStageBytes = 96 * 1024;             // TMA staging ring, whole
+constexpr int kRawStageBytes = 96 * 1024;             // bulk-copy staging, K ring + V ring
+constexpr int kVopBuffers = 2;         // one converted V tile per consumer (K: one, QK is short)
 constexpr float kPerTokenVShift = 1024.0f; // P*v_scale*2^10 keeps fp16 P normal
 
-// Raw stages hold one K or one V half-tile (64 rows of the cache's dtype).
+// Raw stages hold one K or one V half-tile (64 rows of the cache's dtype). K and V
+// have separate rings: the loader converts K, each consumer converts the V of its
+// own tiles, so the two are released by different warpgroups at different times.
+// V gets the larger share: it is converted last (at the start of its consumer's
+// tile, up to two tiles after its K). kAhead: tiles whose copies are in flight
+// ahead of the tile the loader converts (K(j + kAhead) reuses the stage K(j - 1)
+// left one step earlier, so the issuing thread rarely waits).
 template <int kKvBytes>
 struct RawRing {
   static constexpr int kHalfTileBytes = kTileN * kHeadDim * kKvBytes;
-  static constexpr int kStages = kRawStageBytes / kHalfTileBytes;
-  static_assert(kStages >= 2, "need at least double buffering of half-tiles");
+  static constexpr int kStages = kRawStageBytes / kHalfTileBytes;  // 6 fp8 / 3 bf16
+  static constexpr int kVStages = (kStages + 1) / 2;               // 3 / 2
+  static constexpr int kKStages = kStages - kVStages;              // 3 / 1
+  static constexpr int kAhead = kKStages > 1 ? kKStages - 1 : 1;   // 2 / 1
+  static_assert(kKStages >= 1 && kVStages >= 2, "one K stage and one V stage per consumer at least");
+  static_assert(kAhead <= kKStages && kAhead <= kVStages, "the prologue issues kAhead tiles into fresh stages");
 };
 
 // ---- SIMT oracle ------------------------------------------------------------------
@@ -52,16 +69,19 @@ constexpr int kSimtThreads = 256; // one thread per output dim
 
 // ---- append / combine --------------------------------------------------------------
 constexpr int kAppendWarps = 8;
-constexpr int kCombineWarps = 8;
+constexpr int kCombineWarps = 8;         // one block of 8 warps per output row
+constexpr int kMaxCombineSplits = 1024;  // splits of one sequence <= plan parts <= SMs
 
 static_assert(kHeadDim == 256, "kernels index dims with 256-wide rows");
 static_assert(kSimtThreads == kHeadDim, "SIMT: one thread per dim");
 static_assert(kRowsPerCta == 64, "one wgmma M=64 per consumer warpgroup");
+static_assert(kVopBuffers == kNumConsumerWg, "V operand buffer c belongs to consumer c");
 static_assert(kTileN == 64 && kTileN % 16 == 0, "tile = 4 wgmma K-steps of 16 tokens");
 static_assert(kHeadDim % kSwizzleCols == 0, "column blocks of 64 fp16");
 static_assert(kThreads == 384, "1 loader + 2 consumer warpgroups");
-static_assert(kLoaderRegs * kWarpgroup + kConsumerRegs * kWarpgroup * kNumConsumerWg <= 65536,
-              "register file of one SM");
+static_assert(kLaunchRegs * kThreads <= 65536 && kLaunchRegs % 8 == 0, "launch allocation");
+static_assert(kLoaderRegs * kWarpgroup + kConsumerRegs * kWarpgroup * kNumConsumerWg <= kLaunchRegs * kThreads,
+              "setmaxnreg can only redistribute the registers the launch allocated");
 static_assert(kLoaderRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg wants multiples of 8");
 static_assert(kTileN % 64 == 0, "a tile holds whole pages of 16, 32 or 64 tokens");
 

@@ -1,9 +1,10 @@
-// Warpgroups 1 and 2 of the sm90 decode kernel. Both serve the same 64 rows;
-// consumer c owns dims [128c, 128c + 128): it computes the partial S over its
-// half of the head dim (wgmma m64n64k16, Q and K from shared memory), the two
-// partials are summed through shared memory, both run the same online softmax
-// (bit-identical), and each accumulates its 64 x 128 slice of O
-// (wgmma m64n128k16, P from registers, V N-major from shared memory).
+// Warpgroups 1 and 2 of the sm90 decode kernel. Both serve the same 64 rows and
+// split the tiles: consumer c takes tiles j % 2 == c of its part, over all 256
+// dims (S = Q K^T with wgmma m64n64k16 from shared memory, online softmax, O +=
+// P V with two wgmma m64n128k16, P from registers, V N-major). Each keeps its own
+// running max, sum and O (64 x 256 fp32); the two are merged per segment in the
+// epilogue. While one consumer runs its softmax the other can use the tensor
+// cores, so the per-tile chain no longer serialises the CTA.
 //
 // Register layouts (wgmma accumulator, thread t of the warpgroup, w = t / 32,
 // lane l, g = l / 4, q = l % 4): element k of an m64nN accumulator sits at row
@@ -17,7 +18,6 @@ namespace afdkit::mfa::sm90 {
 struct RowState {
   float m[2];     // running max of the log2-domain logits (rows g and g + 8)
   float l[2];     // this thread's partial row sums (quad-reduced at the end)
-  float mult[2];  // accumulator -> log2-domain logit
   int vis[2];     // visible tokens of the row (0 for padding rows)
 };
 
@@ -30,22 +30,37 @@ struct QRegs {
   uint4 v[cfg::kRowsPerCta / 8];
 };
 
+// Address of the 16-byte piece of Q row i (0..7) that thread `ct` of the
+// consumers loads, or nullptr past the CTA's valid rows.
+__device__ __forceinline__ const uint4* q_piece(const DecodeParams& p, int b, int h, int rb, int ct, int i) {
+  const int warp = ct / 32, lane = ct % 32;
+  const int G = p.num_q_heads / p.num_kv_heads;
+  const int rg = rb * cfg::kRowsPerCta + warp + 8 * i;
+  if (rg >= p.q_len * G) return nullptr;
+  const RowCoord rc = row_coord(rg, G);
+  const auto* src = static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b + rc.token * p.q_stride_t +
+                    (h * G + rc.head) * p.q_stride_h + lane * 8;
+  return reinterpret_cast<const uint4*>(src);
+}
+
+// One segment ahead, the consumers only prefetch Q into L2 (each 16-byte piece's
+// line; 4 threads share one): holding the loads in registers through the tile loop
+// would cost 32 registers that the consumers, at their cap with O, do not have.
+__device__ __forceinline__ void prefetch_q(const DecodeParams& p, int b, int h, int rb) {
+  const int ct = threadIdx.x - cfg::kWarpgroup;
+  if (ct % 8 != 0) return;  // one thread per 128-byte line
+#pragma unroll
+  for (int i = 0; i < cfg::kRowsPerCta / 8; ++i)
+    if (const uint4* src = q_piece(p, b, h, rb, ct, i)) ptx::prefetch_l2(src);
+}
+
 template <KvDtype kKv>
 __device__ __forceinline__ void fetch_q(const DecodeParams& p, int b, int h, int rb, QRegs& qr) {
   const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
-  const int warp = ct / 32, lane = ct % 32;
-  const int G = p.num_q_heads / p.num_kv_heads;
-  const int rows = p.q_len * G;
 #pragma unroll
   for (int i = 0; i < cfg::kRowsPerCta / 8; ++i) {
-    const int rg = rb * cfg::kRowsPerCta + warp + 8 * i;
-    qr.v[i] = make_uint4(0, 0, 0, 0);
-    if (rg < rows) {
-      const RowCoord rc = row_coord(rg, G);
-      const auto* src = static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b + rc.token * p.q_stride_t +
-                        (h * G + rc.head) * p.q_stride_h + lane * 8;
-      qr.v[i] = __ldg(reinterpret_cast<const uint4*>(src));
-    }
+    const uint4* src = q_piece(p, b, h, rb, ct, i);
+    qr.v[i] = src ? __ldg(src) : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -99,58 +114,47 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
   }
 }
 
-// S_partial = Q[:, dims of c] . K[:, dims of c]^T : 8 K-steps of 16 dims.
+// S = Q . K^T over all 256 dims: 16 K-steps of 16 dims.
 template <KvDtype kKv>
-__device__ __forceinline__ void mma_qk(Smem<kKv>& s, int c, float (&acc)[32]) {
+__device__ __forceinline__ void mma_qk(Smem<kKv>& s, float (&acc)[32]) {
   using Op = typename Traits<kKv>::Op;
   const uint32_t q_base = ptx::smem_addr(s.q), k_base = ptx::smem_addr(s.k_op);
   ptx::wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 8; ++kk) {
-    const int ks = 8 * c + kk;  // global K-step: 16 dims
+  for (int ks = 0; ks < cfg::kHeadDim / 16; ++ks) {
     const uint32_t off = (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
     ptx::wgmma_m64n64k16_ss<Op>(acc, ptx::make_smem_desc(q_base + off, 16, 1024),
-                                ptx::make_smem_desc(k_base + off, 16, 1024), kk > 0);
+                                ptx::make_smem_desc(k_base + off, 16, 1024), ks > 0);
   }
   ptx::wgmma_commit();
   ptx::wgmma_wait<0>();
   ptx::fence_regs(acc);
 }
 
-// O[:, dims of c] += P . V[:, dims of c] : 4 K-steps of 16 tokens, V N-major.
+// O += P . V over 256 dims as two m64n128 column halves (o[0]: dims 0..127,
+// o[1]: 128..255), 4 K-steps of 16 tokens each, V N-major from v_op[c].
 template <KvDtype kKv>
-__device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)[4][4], float (&o)[64]) {
+__device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)[4][4], float (&o)[2][64]) {
   using Op = typename Traits<kKv>::Op;
-  const uint32_t v_base = ptx::smem_addr(s.v_op) + 2 * c * cfg::kColBlockBytes;
+  const uint32_t v_base = ptx::smem_addr(s.v_op[c]);
   ptx::wgmma_fence();
 #pragma unroll
-  for (int kk = 0; kk < 4; ++kk)
-    ptx::wgmma_m64n128k16_rs_tnspb<Op>(o, pf[kk],
-                                       ptx::make_smem_desc(v_base + kk * 16 * cfg::kSwizzleBytes,
-                                                           cfg::kColBlockBytes, 1024));
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int kk = 0; kk < 4; ++kk)
+      ptx::wgmma_m64n128k16_rs_tnspb<Op>(
+          o[half], pf[kk],
+          ptx::make_smem_desc(v_base + 2 * half * cfg::kColBlockBytes + kk * 16 * cfg::kSwizzleBytes,
+                              cfg::kColBlockBytes, 1024));
+  }
   ptx::wgmma_commit();
   ptx::wgmma_wait<0>();
-  ptx::fence_regs(o);
+  ptx::fence_regs(o[0]);
+  ptx::fence_regs(o[1]);
 }
 
-// Adds the other consumer's partial S (same thread index = same elements).
-// Float addition commutes, so both warpgroups hold bit-identical S afterwards.
-template <KvDtype kKv>
-__device__ __forceinline__ void exchange_s(Smem<kKv>& s, int c, float (&acc)[32]) {
-  const int t = threadIdx.x % cfg::kWarpgroup;
-#pragma unroll
-  for (int k = 0; k < 8; ++k) s.xchg[c][k][t] = make_float4(acc[4 * k], acc[4 * k + 1], acc[4 * k + 2], acc[4 * k + 3]);
-  ptx::named_bar_sync(3, 2 * cfg::kWarpgroup);
-#pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float4 o = s.xchg[c ^ 1][k][t];
-    acc[4 * k] += o.x, acc[4 * k + 1] += o.y, acc[4 * k + 2] += o.z, acc[4 * k + 3] += o.w;
-  }
-}
-
-// Per-token K scales multiply the S columns of this consumer's partial before the
-// exchange (a*k + b*k is the same in both consumers: the sum commutes), so that
-// k_scale and the K tile are free once the exchange is done.
+// Per-token K scales multiply the S columns right after QK^T, so that k_scale and
+// the K tile are free as soon as the consumer releases them.
 template <KvDtype kKv>
 __device__ __forceinline__ void scale_k_columns(const Smem<kKv>& s, float (&acc)[32]) {
   const int q = threadIdx.x % 4;
@@ -169,14 +173,18 @@ __device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s
                                              float (&acc)[32], float (&alpha)[2]) {
   const int lane = threadIdx.x % 32, q = lane % 4;
   const int tok0 = tile * cfg::kTileN + 2 * q;
+  const int row0 = (threadIdx.x % cfg::kWarpgroup / 32) * 16 + lane / 4;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
+    // Read per tile rather than held in registers (consumers run at the register
+    // cap); row_mult is rewritten only after both consumers finished the segment.
+    const float mult = s.row_mult[row0 + 8 * i];
     float mx = -INFINITY;
 #pragma unroll
     for (int n = 0; n < 8; ++n) {
 #pragma unroll
       for (int j = 0; j < 2; ++j) {
-        float x = acc[4 * n + 2 * i + j] * rs.mult[i];
+        float x = acc[4 * n + 2 * i + j] * mult;
         x = tok0 + 8 * n + j < rs.vis[i] ? x : -INFINITY;
         acc[4 * n + 2 * i + j] = x;
         mx = fmaxf(mx, x);
@@ -206,8 +214,8 @@ __device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s
 // chunks 2kk and 2kk+1, which are exactly the A-fragment rows/columns of a thread.
 // Per-token V scales multiply the columns (x 2^10, undone in the epilogue).
 template <KvDtype kKv>
-__device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<kKv>& s, const float (&acc)[32],
-                                             uint32_t (&pf)[4][4]) {
+__device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<kKv>& s, int c, uint32_t parity,
+                                             const float (&acc)[32], uint32_t (&pf)[4][4]) {
   using Op = typename Traits<kKv>::Op;
   const int q = threadIdx.x % 4;
   const bool per_token = p.scale_mode == ScaleMode::kPerToken;
@@ -219,10 +227,24 @@ __device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<k
       float a = acc[k], b = acc[k + 1];
       if (per_token) {
         const int col = 16 * kk + 8 * (r / 2) + 2 * q;
-        a *= s.v_scale[col] * cfg::kPerTokenVShift;
-        b *= s.v_scale[col + 1] * cfg::kPerTokenVShift;
+        a *= s.v_scale[c][parity][col] * cfg::kPerTokenVShift;
+        b *= s.v_scale[c][parity][col + 1] * cfg::kPerTokenVShift;
       }
       pf[kk][r] = ptx::pack2<Op>(a, b);
+    }
+  }
+}
+
+// O *= alpha per row. After the first tiles a row's max rarely moves (alpha == 1
+// exactly), so a warp skips the 128 multiplies when none of its rows changed.
+__device__ __forceinline__ void rescale_o(float (&o)[2][64], const float (&alpha)[2]) {
+  if (!__any_sync(0xffffffffu, alpha[0] != 1.f || alpha[1] != 1.f)) return;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+#pragma unroll
+    for (int n = 0; n < 16; ++n) {
+      o[half][4 * n] *= alpha[0], o[half][4 * n + 1] *= alpha[0];
+      o[half][4 * n + 2] *= alpha[1], o[half][4 * n + 3] *= alpha[1];
     }
   }
 }

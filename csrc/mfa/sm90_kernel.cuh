@@ -1,10 +1,11 @@
 // The sm90a MFA decode kernel: a persistent CTA per (plan part, kv head, 64-row
 // block), 3 warpgroups over one shared-memory layout:
-//   WG0  loader: bulk copies K/V half-tiles, converts them to swizzled fp16/bf16
-//   WG1, WG2  consumers: QK^T and PV on wgmma, online softmax, epilogue
-// Pipeline objects: raw_full[stage] (copy -> converter), k_full/v_full (converter
-// -> consumers, 128 arrivals), k_empty/v_empty (consumers -> converter, one per
-// consumer warp). See docs/mfa-decode.md.
+//   WG0  loader: bulk copies K/V half-tiles, converts K to swizzled fp16/bf16
+//   WG1, WG2  consumers: convert their V, QK^T and PV on wgmma, online softmax, epilogue
+// Pipeline objects: raw_k_full/raw_v_full[stage] (copy -> converter),
+// raw_k_empty/raw_v_empty[stage] (converter threads -> copy issue), k_full[c]
+// (loader -> consumer c, 128 arrivals), k_empty (consumer -> loader, one per
+// consumer warp). Tile j of a part goes to consumer j % 2. See docs/mfa-decode.md.
 #pragma once
 #include "common/cuda_check.h"
 #include "common/ptx.cuh"
@@ -16,85 +17,142 @@
 
 namespace afdkit::mfa::sm90 {
 
-// Writes the segment's rows of this consumer's 128 dims: bf16 output and lse when
-// the sequence is unsplit, else fp32 O/l and lse into the partial slot.
+// (max, sum) of consumer c's rows, parked at the front of its V operand tile
+// during the epilogue: its last PV has completed, and it converts V again only
+// after the barrier at the top of the next segment, when both have read it.
 template <KvDtype kKv>
-__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, const Segment& seg, RowState& rs,
-                         const float (&o)[64], int c, int h, int rb) {
+__device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
+  return reinterpret_cast<float2*>(s.v_op[c]);
+}
+
+// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
+// shared memory and writes the rows -- bf16 output and lse when the sequence is
+// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
+// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
+// their last QK^T here, and the next segment's Q is stored only after the
+// barrier at the top of the segment loop. A thread's slot in it is indexed by its
+// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
+template <KvDtype kKv>
+__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
+                         const RowState& rs, float (&o)[2][64], int c, int h, int rb) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
-  float final_mult = 1.f;
-  if (p.scale_mode == ScaleMode::kPerTensor) final_mult = *p.v_scale;
-  if (p.scale_mode == ScaleMode::kPerToken) final_mult = 1.f / cfg::kPerTokenVShift;
-  const int splits = pb.batch_meta[seg.b * cfg::kBatchMetaInts];
-  const int64_t slot = splits > 1 ? pb.batch_meta[seg.b * cfg::kBatchMetaInts + 1] + seg.split : -1;
+  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     float l = rs.l[i];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv_sum[i] = l;  // this consumer's row sum until the merge below
+    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
+  }
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  float final_mult = 1.f;
+  if (p.scale_mode == ScaleMode::kPerTensor) final_mult = *p.v_scale;
+  if (p.scale_mode == ScaleMode::kPerToken) final_mult = 1.f / cfg::kPerTokenVShift;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
+    const float m = fmaxf(rs.m[i], other.x);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
+    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
+    m_merged[i] = m, l_merged[i] = l;
+    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
+  }
+  float* xbuf = reinterpret_cast<float*>(s.q);  // [64 accumulator elements][128 threads]
+  if (c == 1) {  // round 1: consumer 1 hands over its dims [0, 128)
+#pragma unroll
+    for (int k = 0; k < 64; ++k) xbuf[k * cfg::kWarpgroup + t] = o[0][k] * own_mult[(k % 4) / 2];
+  }
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  if (c == 0) {  // round 2: consumer 0 merges dims [0, 128) and hands over [128, 256)
+#pragma unroll
+    for (int k = 0; k < 64; ++k) {
+      o[0][k] = o[0][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
+      xbuf[k * cfg::kWarpgroup + t] = o[1][k] * own_mult[(k % 4) / 2];
+    }
+  }
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  if (c == 1) {  // round 3: consumer 1 merges dims [128, 256) into o[0] (free since round 1)
+#pragma unroll
+    for (int k = 0; k < 64; ++k) o[0][k] = o[1][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
+  }
+  const float (&mine)[64] = o[0];  // this consumer's merged dims
+  const int splits = pb.batch_meta[seg.b * cfg::kBatchMetaInts];
+  const int64_t slot = splits > 1 ? pb.batch_meta[seg.b * cfg::kBatchMetaInts + 1] + seg.split : -1;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
     const int rg = rb * cfg::kRowsPerCta + (t / 32) * 16 + lane / 4 + 8 * i;
     if (rg >= rows) continue;
     const RowCoord rc = row_coord(rg, G);
     const int hq = h * G + rc.head;
-    const float inv = l > 0.f ? final_mult / l : 0.f;
-    const float lse = lse_or_neg_inf(rs.m[i], l);
+    const float inv = inv_sum[i];
+    const float lse = lse_or_neg_inf(m_merged[i], l_merged[i]);
     const int64_t row_idx = (static_cast<int64_t>(seg.b) * p.q_len + rc.token) * p.num_q_heads + hq;
-    const int dim0 = c * cfg::kDimsPerConsumer + 2 * q;
+    const int dim0 = c * cfg::kMergeDims + 2 * q;
     if (slot < 0) {
       auto* out = static_cast<__nv_bfloat16*>(p.out) + seg.b * p.out_stride_b + rc.token * p.out_stride_t +
                   hq * p.out_stride_h + dim0;
 #pragma unroll
       for (int n = 0; n < 16; ++n)
         *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) =
-            __floats2bfloat162_rn(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
+            __floats2bfloat162_rn(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
       if (c == 0 && q == 0 && p.lse) p.lse[row_idx] = lse;
     } else {
       const int64_t prow = (slot * p.q_len + rc.token) * p.num_q_heads + hq;
       float* out = pb.o_partial + prow * cfg::kHeadDim + dim0;
 #pragma unroll
       for (int n = 0; n < 16; ++n)
-        *reinterpret_cast<float2*>(out + 8 * n) = make_float2(o[4 * n + 2 * i] * inv, o[4 * n + 2 * i + 1] * inv);
+        *reinterpret_cast<float2*>(out + 8 * n) = make_float2(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
       if (c == 0 && q == 0) pb.lse_partial[prow] = lse;
     }
   }
 }
 
-// One tile: S partial (per-token K scales applied), exchange, release K; softmax;
-// P fragments, PV, release V. k_empty is released right after the exchange: the
-// K tile and k_scale are read for the last time by then, and the next write of
-// xchg (tile + 1) waits for k_full(tile + 1), which the loader can only produce
-// after every consumer warp has arrived here, i.e. after both consumers read
-// this tile's partials. The loader converts the next K tile during the softmax.
+// Consumer c's V of part-global tile j: wait for the copy, convert it into
+// v_op[c], release the raw stage, and make the writes visible to this
+// warpgroup's wgmma (fence per thread, then a barrier of the warpgroup).
 template <KvDtype kKv>
-__device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, int c, int tile,
-                                             uint32_t parity, float (&o)[64]
+__device__ __forceinline__ void convert_own_v(Smem<kKv>& s, int c, uint32_t j, int n_valid
+                                              MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark)) {
+  using Ring = typename Traits<kKv>::Ring;
+  const int vs = j % Ring::kVStages;
+  ptx::mbar_wait(&s.raw_v_full[vs], (j / Ring::kVStages) & 1);
+  MFA_PROF_LAP(pc, prof::kWaitV, mark);
+  convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid);
+  ptx::mbar_arrive(&s.raw_v_empty[vs]);
+  ptx::fence_proxy_async_smem();
+  ptx::named_bar_sync(4 + c, cfg::kWarpgroup);
+  MFA_PROF_LAP(pc, prof::kConvV, mark);
+}
+
+// One tile of this consumer (part-global tile j, j % 2 == c; parity = (j / 2) & 1):
+// convert its V; S (per-token K scales applied), release K; softmax and O
+// rescale; P fragments, PV. The loader converts K(j + 1) for the other consumer
+// during this softmax.
+template <KvDtype kKv>
+__device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, const Segment& seg,
+                                             int c, int tile, uint32_t j, float (&o)[2][64]
                                                  MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark)) {
+  const uint32_t parity = (j >> 1) & 1;
+  convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
   float acc[32];
-  ptx::mbar_wait(&s.k_full, parity);
+  ptx::mbar_wait(&s.k_full[c], parity);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
-  mma_qk(s, c, acc);
+  mma_qk(s, acc);
   if (p.scale_mode == ScaleMode::kPerToken) scale_k_columns(s, acc);
-  MFA_PROF_LAP(pc, prof::kQk, mark);
-  exchange_s(s, c, acc);
   __syncwarp();
   if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.k_empty);
-  MFA_PROF_LAP(pc, prof::kXchg, mark);
+  MFA_PROF_LAP(pc, prof::kQk, mark);
   float alpha[2];
   softmax_tile(p, s, rs, tile, acc, alpha);
-#pragma unroll
-  for (int n = 0; n < 16; ++n) {
-    o[4 * n] *= alpha[0], o[4 * n + 1] *= alpha[0];
-    o[4 * n + 2] *= alpha[1], o[4 * n + 3] *= alpha[1];
-  }
   MFA_PROF_LAP(pc, prof::kSoftmax, mark);
-  ptx::mbar_wait(&s.v_full, parity);
-  MFA_PROF_LAP(pc, prof::kWaitV, mark);
+  rescale_o(o, alpha);
+  MFA_PROF_LAP(pc, prof::kRescale, mark);
   uint32_t pf[4][4];
-  make_p_frags(p, s, acc, pf);
+  make_p_frags(p, s, c, parity, acc, pf);
   mma_pv(s, c, pf, o);
-  __syncwarp();
-  if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.v_empty);
   MFA_PROF_LAP(pc, prof::kPv, mark);
 }
 
@@ -109,20 +167,19 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   Segment seg, next_seg;
   uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
-  // Q runs one segment ahead in registers: the loads of segment i + 1 are issued
-  // right after segment i's Q is stored and land while its tiles run, so a
-  // segment boundary costs a register -> shared-memory convert, not a round trip.
-  QRegs qr;
+  // Q of segment i + 1 is prefetched into L2 when segment i starts, so that its
+  // loads (eight independent 16-byte loads per thread, issued together) hit L2.
   bool have = w.next(p, seg);
-  if (have && seg.lo < seg.hi) fetch_q<kKv>(p, seg.b, h, rb, qr);
   while (have) {
     MFA_PROF(mark = prof::clk(); ++pc[prof::kSegments];)
+    QRegs qr;
+    if (seg.lo < seg.hi) fetch_q<kKv>(p, seg.b, h, rb, qr);
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
     if (seg.lo < seg.hi) store_q(p, s, rb, qr);
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
     const bool have_next = w.next(p, next_seg);
-    if (have_next && next_seg.lo < next_seg.hi) fetch_q<kKv>(p, next_seg.b, h, rb, qr);
+    if (have_next && next_seg.lo < next_seg.hi) prefetch_q(p, next_seg.b, h, rb);
     RowState rs;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -130,23 +187,24 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
       const int rg = rb * cfg::kRowsPerCta + r;
       rs.m[i] = -INFINITY;
       rs.l[i] = 0.f;
-      rs.mult[i] = s.row_mult[r];
       rs.vis[i] = rg < rows ? max(visible_len(seg.seq_len, p.q_len, rg / G), 0) : 0;
     }
-    float o[64];
+    float o[2][64];
 #pragma unroll
-    for (int k = 0; k < 64; ++k) o[k] = 0.f;
+    for (int k = 0; k < 64; ++k) o[0][k] = 0.f, o[1][k] = 0.f;
     MFA_PROF_LAP(pc, prof::kQload, mark);
-    for (int tile = seg.lo; tile < seg.hi; ++tile, ++tile_idx)
-      consume_tile(p, s, rs, c, tile, tile_idx & 1, o MFA_PROF(, pc, mark));
+    for (int tile = seg.lo; tile < seg.hi; ++tile, ++tile_idx) {
+      if ((tile_idx & 1) != static_cast<uint32_t>(c)) continue;
+      consume_tile(p, s, rs, seg, c, tile, tile_idx, o MFA_PROF(, pc, mark));
+      MFA_PROF(++pc[prof::kTiles];)
+    }
     MFA_PROF(mark = prof::clk();)
-    epilogue<kKv>(p, pb, seg, rs, o, c, h, rb);
+    epilogue<kKv>(p, pb, s, seg, rs, o, c, h, rb);
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
     seg = next_seg;
     have = have_next;
   }
 #ifdef AFDKIT_MFA_PROFILE
-  pc[prof::kTiles] = tile_idx;
   if (t == 0 && prof_rec) {
     prof_rec[prof::kT1Cons0 + c] = prof::gtime();
     for (int i = 0; i < prof::kConsSlots; ++i) prof_rec[prof::kCons + c * prof::kConsSlots + i] = pc[i];
@@ -173,11 +231,16 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
   if (threadIdx.x == 0 && prof_rec) prof_rec[prof::kT0] = prof::gtime();
 #endif
   if (threadIdx.x == 0) {
-    for (int st = 0; st < Ring::kStages; ++st) ptx::mbar_init(&s.raw_full[st], 1);
-    ptx::mbar_init(&s.k_full, cfg::kWarpgroup);
-    ptx::mbar_init(&s.v_full, cfg::kWarpgroup);
-    ptx::mbar_init(&s.k_empty, cfg::kNumConsumerWg * 4);
-    ptx::mbar_init(&s.v_empty, cfg::kNumConsumerWg * 4);
+    for (int st = 0; st < Ring::kKStages; ++st) {
+      ptx::mbar_init(&s.raw_k_full[st], 1);
+      ptx::mbar_init(&s.raw_k_empty[st], cfg::kWarpgroup);  // the loader's threads
+    }
+    for (int st = 0; st < Ring::kVStages; ++st) {
+      ptx::mbar_init(&s.raw_v_full[st], 1);
+      ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the threads of the tile's consumer
+    }
+    ptx::mbar_init(&s.k_empty, 4);  // the 4 warps of the consumer that used the K tile
+    for (int c = 0; c < cfg::kNumConsumerWg; ++c) ptx::mbar_init(&s.k_full[c], cfg::kWarpgroup);
     ptx::fence_mbar_init();
   }
   __syncthreads();

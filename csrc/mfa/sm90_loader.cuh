@@ -1,7 +1,8 @@
 // Warpgroup 0 of the sm90 decode kernel: thread 0 issues the bulk copies of K/V
-// half-tiles (pages picked from the block table) into the raw ring; all 128
-// threads convert each half-tile into the swizzled fp16/bf16 operand tile the
-// consumers' wgmma reads, then publish it with fence.proxy.async + mbarrier.
+// half-tiles (pages picked from the block table) into the K and V raw rings; all
+// 128 threads convert each K half-tile into the swizzled fp16/bf16 operand tile
+// the consumers' wgmma reads, then publish it with fence.proxy.async + mbarrier.
+// The consumers convert their own V tiles with the same convert functions.
 #pragma once
 #include "common/ptx.cuh"
 #include "mfa/sm90_profile.cuh"
@@ -26,16 +27,13 @@ __device__ __forceinline__ void load_pages(const DecodeParams& p, const HalfCurs
 // A page is one copy when its rows of this head are contiguous (one KV head),
 // else one copy per row.
 template <KvDtype kKv>
-__device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor& c, int h, int stage,
+__device__ void issue_half(const DecodeParams& p, const HalfCursor& c, int h, uint8_t* dst, uint64_t* bar,
                            const int (&pages)[kMaxPagesPerTile]) {
   using Tr = Traits<kKv>;
   const int n_valid = c.n_valid();
-  uint64_t* bar = &s.raw_full[stage];
   ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_valid * Tr::kRawRowBytes));
   const auto* base = static_cast<const uint8_t*>(c.half ? p.v_cache : p.k_cache);
   const bool contiguous = p.kv_stride_token == cfg::kHeadDim;
-  uint8_t* dst = s.raw[stage];
-  MFA_PROF(s.prof_issue[stage] = prof::clk();)
 #pragma unroll
   for (int k = 0; k < kMaxPagesPerTile; ++k) {
     const int r0 = k * p.page_size;
@@ -59,9 +57,10 @@ __device__ void issue_half(const DecodeParams& p, Smem<kKv>& s, const HalfCursor
 // different tokens (tok % 8 = lane % 8) and 8 different 16-byte source columns
 // (rotated by the lane), so both the raw reads and the swizzled writes hit 8
 // distinct bank groups. Reads go in batches of kConvBatch so that several are in
-// flight before the first convert; rows past the sequence end (stale or NaN
-// bytes) read as zero codes, which convert to +0.
-constexpr int kConvBatch = 4;
+// flight before the first convert (2 at the loader's and consumers' register
+// caps); rows past the sequence end (stale or NaN bytes) read as zero codes, which
+// convert to +0.
+template <int kConvBatch>
 __device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op, int n_valid) {
   const int t = threadIdx.x % cfg::kWarpgroup;
   const int j = t & 7, g8 = t >> 3;  // lane in phase, phase index 0..15
@@ -119,6 +118,34 @@ __device__ __forceinline__ float load_token_scale(const DecodeParams& p, const H
   return scales[scale_index(page, tok % p.page_size, h, p.page_size, p.num_kv_heads)];
 }
 
+// Both halves of one tile, in the order K then V, into the stages of part-global
+// tile `t` of the two rings. A stage used before is refilled only once its last
+// reader released it: the loader's 128 threads for K, the tile's consumer for V.
+template <KvDtype kKv>
+__device__ void issue_tile(const DecodeParams& p, Smem<kKv>& s, HalfCursor& c, int h, uint32_t t,
+                           int (&pages)[kMaxPagesPerTile]) {
+  using Ring = typename Traits<kKv>::Ring;
+  const int ks = t % Ring::kKStages, vs = t % Ring::kVStages;
+  if (t >= Ring::kKStages) ptx::mbar_wait(&s.raw_k_empty[ks], ((t / Ring::kKStages) & 1) ^ 1);
+  MFA_PROF(s.prof_issue[ks] = prof::clk();)
+  issue_half<kKv>(p, c, h, s.raw_k[ks], &s.raw_k_full[ks], pages);
+  c.next(p);
+  if (t >= Ring::kVStages) ptx::mbar_wait(&s.raw_v_empty[vs], ((t / Ring::kVStages) & 1) ^ 1);
+  issue_half<kKv>(p, c, h, s.raw_v[vs], &s.raw_v_full[vs], pages);
+  c.next(p);
+  if (c.valid) load_pages(p, c, pages);  // the next tile's pages, used one step later
+}
+
+// Converts one raw half-tile (K or V, fp8 or bf16) into a swizzled operand tile.
+template <KvDtype kKv, int kConvBatch>
+__device__ __forceinline__ void convert_half(const uint8_t* raw, uint8_t* op, int n_valid) {
+  if constexpr (Traits<kKv>::kFp8) convert_half_fp8<kConvBatch>(raw, op, n_valid);
+  else convert_half_bf16(raw, op, n_valid);
+}
+
+// Warpgroup 0: converts the K half of every tile of the part into k_op and stores
+// the tile's per-token scales (K in k_scale, V in v_scale of the tile's consumer);
+// thread 0 also issues every copy, kAhead tiles ahead of the conversion.
 template <KvDtype kKv>
 __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h
                                 MFA_PROF(, unsigned long long* prof_rec)) {
@@ -128,24 +155,22 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   HalfCursor conv, issue;
   conv.init(meta, p);
   int pages[kMaxPagesPerTile];  // thread 0: pages of the issue cursor's tile
+  uint32_t issued = 0;          // thread 0: tiles issued so far
   if (tid == 0) {
     issue = conv;
     if (issue.valid) load_pages(p, issue, pages);
-    for (int st = 0; st < Ring::kStages && issue.valid; ++st) {
-      issue_half(p, s, issue, h, st, pages);
-      issue.next(p);
-      if (issue.valid && issue.half == 0) load_pages(p, issue, pages);
-    }
+    for (; issue.valid && issued < static_cast<uint32_t>(Ring::kAhead); ++issued)
+      issue_tile(p, s, issue, h, issued, pages);
   }
   // Per-token scales run one tile ahead: loaded at tile j - 1, stored at tile j.
   float scale_next = per_token ? load_token_scale(p, conv, h) : 0.f;
   float scale_cur = 0.f;
-  uint32_t half_idx = 0, tile_idx = 0;
+  uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pa[5] = {}; uint32_t mark = prof::clk();)
   while (conv.valid) {
-    const int stage = half_idx % Ring::kStages;
-    const bool is_v = conv.half == 1;
-    if (!is_v && per_token) {
+    const int ks = tile_idx % Ring::kKStages;
+    const int c = tile_idx & 1;  // consumer of this tile
+    if (per_token) {
       HalfCursor ahead = conv;
       ahead.next(p);
       ahead.next(p);
@@ -153,34 +178,33 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
       scale_next = load_token_scale(p, ahead, h);
     }
     const int n_valid = conv.n_valid();
-    ptx::mbar_wait(&s.raw_full[stage], (half_idx / Ring::kStages) & 1);
-    MFA_PROF(pa[4] += prof::clk() - s.prof_issue[stage];)
+    ptx::mbar_wait(&s.raw_k_full[ks], (tile_idx / Ring::kKStages) & 1);
+    MFA_PROF(pa[4] += prof::clk() - s.prof_issue[ks];)
     MFA_PROF_LAP(pa, 0, mark);
-    ptx::mbar_wait(is_v ? &s.v_empty : &s.k_empty, (tile_idx & 1) ^ 1);
+    ptx::mbar_wait(&s.k_empty, (tile_idx & 1) ^ 1);
     MFA_PROF_LAP(pa, 1, mark);
-    uint8_t* op = is_v ? s.v_op : s.k_op;
-    if constexpr (Traits<kKv>::kFp8) convert_half_fp8(s.raw[stage], op, n_valid);
-    else convert_half_bf16(s.raw[stage], op, n_valid);
-    if (per_token && (tid < cfg::kTileN) == !is_v) (is_v ? s.v_scale : s.k_scale)[tid % cfg::kTileN] = scale_cur;
-    ptx::fence_proxy_async_smem();  // generic writes -> wgmma (async proxy) reads
-    ptx::mbar_arrive(is_v ? &s.v_full : &s.k_full);
-    MFA_PROF_LAP(pa, 2, mark);
-    ptx::named_bar_sync(1, cfg::kWarpgroup);  // every thread is done reading raw[stage]
-    if (tid == 0 && issue.valid) {
-      issue_half(p, s, issue, h, stage, pages);
-      issue.next(p);
-      if (issue.valid && issue.half == 0) load_pages(p, issue, pages);  // used one half later
+    convert_half<kKv, 1>(s.raw_k[ks], s.k_op, n_valid);
+    if (per_token) {
+      // v_scale[c][(j / 2) % 2] was last read at tile j - 4, which consumer c finished
+      // before its QK^T of tile j - 2, which step j - 1 of this loop waited for.
+      if (tid < cfg::kTileN) s.k_scale[tid] = scale_cur;
+      else s.v_scale[c][(tile_idx >> 1) & 1][tid - cfg::kTileN] = scale_cur;
     }
+    ptx::fence_proxy_async_smem();  // generic writes -> wgmma (async proxy) reads
+    ptx::mbar_arrive(&s.k_full[c]);
+    MFA_PROF_LAP(pa, 2, mark);
+    ptx::mbar_arrive(&s.raw_k_empty[ks]);  // this thread is done reading raw_k[ks]
+    if (tid == 0 && issue.valid) issue_tile(p, s, issue, h, issued++, pages);
     MFA_PROF_LAP(pa, 3, mark);
-    tile_idx += is_v;
-    ++half_idx;
+    ++tile_idx;
+    conv.next(p);
     conv.next(p);
   }
 #ifdef AFDKIT_MFA_PROFILE
   if (tid == 0 && prof_rec) {
     prof_rec[prof::kT1Loader] = prof::gtime();
     prof_rec[prof::kSmid] = prof::smid();
-    prof_rec[prof::kHalves] = half_idx;
+    prof_rec[prof::kHalves] = tile_idx;
     for (int i = 0; i < 5; ++i) prof_rec[prof::kLdWaitRaw + i] = pa[i];
   }
 #endif

@@ -16,25 +16,26 @@ enum Slot : int {
   kT1Cons0,        // ... consumer 0 ends
   kT1Cons1,        // ... consumer 1 ends
   kSmid,
-  kHalves,         // half-tiles converted (K + V)
-  kLdWaitRaw,      // loader: wait raw_full[stage] (copy not yet landed)
-  kLdWaitOpEmpty,  // loader: wait k_empty / v_empty (consumers still on the operand tile)
-  kLdConvert,      // loader: fp8 -> fp16 convert + scale store + fence + arrive full
-  kLdBarIssue,     // loader: bar.sync of WG0 + next bulk copy issue
+  kHalves,         // K half-tiles converted by the loader (= tiles)
+  kLdWaitRaw,      // loader: wait raw_k_full[stage] (copy not yet landed)
+  kLdWaitOpEmpty,  // loader: wait k_empty (a consumer still on the K operand tile)
+  kLdConvert,      // loader: K fp8 -> fp16 convert + scale stores + fence + arrive full
+  kLdBarIssue,     // loader: raw_k_empty arrive + (thread 0) waits for refilled stages + copy issue
   kLdCopyLat,      // loader: issue of a stage -> its raw_full wait returned (copy latency bound)
   kCons = 11,      // consumer c: slots kCons + c * kConsSlots + ConsSlot
-  kConsSlots = 10,
-  kRecordSlots = kCons + 2 * kConsSlots,  // 31
+  kConsSlots = 11,
+  kRecordSlots = kCons + 2 * kConsSlots,  // 33
 };
 enum ConsSlot : int {
   kTiles = 0,
   kSegments,
   kWaitK,     // wait k_full
   kQk,        // QK^T wgmma (issue + wait), per-token K scale
-  kXchg,      // S exchange (named barrier with the other consumer)
-  kSoftmax,   // online softmax + O rescale
-  kWaitV,     // wait v_full
-  kPv,        // P fragments + PV wgmma + release
+  kRescale,   // O *= alpha (skipped by warps whose rows kept their max)
+  kSoftmax,   // online softmax
+  kWaitV,     // wait for the V copy (raw_v_full)
+  kPv,        // P fragments + PV wgmma
+  kConvV,     // convert own V + release the raw stage + warpgroup barrier
   kQload,     // per segment: Q barriers + load
   kEpilogue,  // per segment: epilogue
 };

@@ -26,21 +26,27 @@ struct Traits {
   static constexpr int kRawRowBytes = cfg::kHeadDim * kKvBytes;
 };
 
+// Tile j of a part goes to consumer j % 2. K has one operand buffer (QK^T is
+// short, so the loader rarely waits for it); V has one per consumer, converted by
+// that consumer from the V ring at the start of its tile.
 template <KvDtype kKv>
 struct alignas(1024) Smem {
   using Ring = typename Traits<kKv>::Ring;
-  uint8_t q[cfg::kOpTileBytes];    // Q * 2^e (per-row power of two), operand type
-  uint8_t k_op[cfg::kOpTileBytes]; // converted K tile (one stage; k_full/k_empty)
-  uint8_t v_op[cfg::kOpTileBytes]; // converted V tile (one stage; v_full/v_empty)
-  uint8_t raw[Ring::kStages][Ring::kHalfTileBytes];  // bulk-copy ring of K/V half-tiles
-  float4 xchg[cfg::kNumConsumerWg][8][cfg::kWarpgroup];  // S partials, [wg][reg/4][thread]
-  float k_scale[cfg::kTileN];      // per-token scales of the tile in k_op / v_op
-  float v_scale[cfg::kTileN];
+  uint8_t q[cfg::kOpTileBytes];    // Q * 2^e (per-row power of two), operand type; the
+                                   // epilogue reuses it to merge the consumers' O halves
+  uint8_t k_op[cfg::kOpTileBytes]; // converted K tile (k_full[j % 2] / k_empty)
+  uint8_t v_op[cfg::kVopBuffers][cfg::kOpTileBytes];  // converted V tile of consumer c;
+                                   // its epilogue parks (max, sum) per row at the front
+  uint8_t raw_k[Ring::kKStages][Ring::kHalfTileBytes];  // bulk-copy ring of K half-tiles
+  uint8_t raw_v[Ring::kVStages][Ring::kHalfTileBytes];  // ... of V half-tiles
+  float k_scale[cfg::kTileN];      // per-token scales of the tile in k_op
+  float v_scale[cfg::kVopBuffers][2][cfg::kTileN];  // ... of consumer c's tiles, by (j / 2) % 2
   float row_mult[cfg::kRowsPerCta];  // S accumulator -> log2-domain logit, per row
-  uint64_t raw_full[Ring::kStages];
-  uint64_t k_full, k_empty, v_full, v_empty;
+  uint64_t raw_k_full[Ring::kKStages], raw_k_empty[Ring::kKStages];  // copy -> loader -> issue
+  uint64_t raw_v_full[Ring::kVStages], raw_v_empty[Ring::kVStages];  // copy -> consumer -> issue
+  uint64_t k_full[cfg::kNumConsumerWg], k_empty;
 #ifdef AFDKIT_MFA_PROFILE
-  uint32_t prof_issue[Ring::kStages];  // %clock when each raw stage's copy was issued
+  uint32_t prof_issue[Ring::kKStages];  // %clock when each K stage's copy was issued
 #endif
 };
 
@@ -51,7 +57,8 @@ constexpr int smem_bytes() {
 }
 static_assert(smem_bytes<KvDtype::kFp8E4M3>() <= kMaxDynSmem, "fp8 layout over 227 KB");
 static_assert(smem_bytes<KvDtype::kBf16>() <= kMaxDynSmem, "bf16 layout over 227 KB");
-static_assert(offsetof(Smem<KvDtype::kFp8E4M3>, raw) % 1024 == 0, "raw ring alignment");
+static_assert(offsetof(Smem<KvDtype::kFp8E4M3>, raw_k) % 1024 == 0 && offsetof(Smem<KvDtype::kFp8E4M3>, raw_v) % 1024 == 0,
+              "raw ring alignment");
 
 // Byte offset of the 16-byte chunk `chunk` (0..31 along 256 dims) of row `row`.
 __device__ __forceinline__ uint32_t op_chunk_offset(int row, int chunk) {

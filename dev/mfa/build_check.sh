@@ -24,9 +24,14 @@ for src in csrc/mfa/*.cu csrc/mfa/instantiations/*.cu; do
        /Used [0-9]+ registers/ { print "   " k; print "      " $0; if (k in sf) print "      " sf[k] }' "$log" \
     | sed -E 's/ptxas info *: //' | c++filt | cut -c1-220
   grep -iE "warning|error" "$log" | grep -v "^$" | sed 's/^/   /' || true
-  # Hot kernels (sm90 decode, SIMT oracle, combine, append) must not spill.
-  if awk '/Compiling entry function/ {k=$0} /bytes stack frame/ && ($1 != "0" || $0 ~ /[1-9][0-9]* bytes spill/) {print k; print}' "$log" \
-     | grep -E "[1-9][0-9]* bytes (stack frame|spill)" >/dev/null; then
+  # Hot kernels (sm90 decode, SIMT oracle, combine, append) must not spill, except
+  # two known parks in the sm90 decode at its register caps (see config.h): one
+  # 16-byte Q register per segment in the consumers and 8 bytes per half-tile in the
+  # loader, i.e. at most 16 bytes of stack and 24 bytes of spill loads. More fails.
+  if awk '/Compiling entry function/ {k=$0} /bytes stack frame/ {print k " @@ " $0}' "$log" \
+     | awk -F' @@ ' '{ sm90 = ($1 ~ /decode_sm90_kernel/); split($2, w, " ")
+         stack = w[1] + 0; loads = w[9] + 0; stores = w[5] + 0
+         if (sm90 ? (stack > 16 || loads > 24) : (stack > 0 || loads > 0 || stores > 0)) bad = 1 } END { exit !bad }'; then
     echo "FAIL: $src has a stack frame or spills (see $log)"; status=1
   fi
   if grep -q "C7508\|C7510\|serialized" "$log"; then

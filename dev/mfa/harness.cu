@@ -410,18 +410,19 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
   std::printf("== profile %s: %d CTAs (%d with tiles), tiles/CTA min %.0f max %.0f; CTA us min %.1f mean %.1f max %.1f;"
               " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
               d_max, (t_max - t_min) * 1e-3);
-  const double tiles_all = std::max(1.0, halves / 2);
-  std::printf("  loader cycles/tile (K+V halves): wait_raw %7.0f  wait_op_empty %7.0f  convert %7.0f  bar+issue %7.0f"
-              "  | copy issue->landed %7.0f per half\n", ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all,
-              ld[3] / tiles_all, ld[4] / std::max(1.0, halves));
+  const double tiles_all = std::max(1.0, halves);  // the loader converts one K half per tile
+  std::printf("  loader cycles/tile (K only): wait_raw %7.0f  wait_op_empty %7.0f  convert %7.0f  arrive+issue %7.0f"
+              "  | K copy issue->landed %7.0f\n", ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all,
+              ld[3] / tiles_all, ld[4] / tiles_all);
   for (int c = 0; c < 2; ++c) {
     const double nt = std::max(1.0, cs[c][prof::kTiles]), ns = std::max(1.0, cs[c][prof::kSegments]);
     double sum = 0;
-    for (int k = prof::kWaitK; k <= prof::kPv; ++k) sum += cs[c][k];
-    std::printf("  cons%d cycles/tile: wait_k %7.0f qk %6.0f xchg %6.0f softmax %6.0f wait_v %7.0f pv %6.0f | sum %7.0f"
-                " | per segment (%.0f): q_load %6.0f epilogue %6.0f\n", c, cs[c][prof::kWaitK] / nt,
-                cs[c][prof::kQk] / nt, cs[c][prof::kXchg] / nt, cs[c][prof::kSoftmax] / nt, cs[c][prof::kWaitV] / nt,
-                cs[c][prof::kPv] / nt, sum / nt, ns, cs[c][prof::kQload] / ns, cs[c][prof::kEpilogue] / ns);
+    for (int k = prof::kWaitK; k <= prof::kConvV; ++k) sum += cs[c][k];
+    std::printf("  cons%d cycles/own tile: wait_v %6.0f conv_v %6.0f wait_k %7.0f qk %6.0f softmax %6.0f rescale %6.0f"
+                " pv %6.0f | sum %7.0f | per segment (%.0f): q_load %6.0f epilogue %6.0f\n", c,
+                cs[c][prof::kWaitV] / nt, cs[c][prof::kConvV] / nt, cs[c][prof::kWaitK] / nt, cs[c][prof::kQk] / nt,
+                cs[c][prof::kSoftmax] / nt, cs[c][prof::kRescale] / nt, cs[c][prof::kPv] / nt, sum / nt, ns,
+                cs[c][prof::kQload] / ns, cs[c][prof::kEpilogue] / ns);
   }
   if (worst >= 0) {
     const double nt = std::max(1.0, rec(worst, prof::kCons + prof::kTiles));

@@ -22,7 +22,7 @@ Every buffer carries a tag of what was last written to it, and every read checks
 reader that sees another tile's data, a copy landing in a stage still being read, or a
 state in which no actor can move (a deadlock) fails the run.
 
-    python3 dev/pending/mfa_v5_pipeline_model.py [--runs N] [--mutate NAME]
+    python3 dev/mfa/v5_pipeline_model.py [--runs N] [--mutate NAME]
 
 ``--mutate a,b`` breaks the design on purpose to show that the model catches it (the
 run must then FAIL): no_k_empty_wait, single_v_scale_slot, issue_ahead_3, and
