@@ -1,0 +1,39 @@
+"""The CPU model behind v6's fp8 QK^T promotion (dev/mfa/fp8_accum_model.py)."""
+import importlib.util
+import pathlib
+
+import torch
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "mfa" / "fp8_accum_model.py"
+_spec = importlib.util.spec_from_file_location("fp8_accum_model", _PATH)
+model = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(model)
+
+
+def test_truncate_mantissa_rounds_toward_zero_to_13_bits():
+    x = torch.tensor([1 + 2**-13 + 2**-14, -(1 + 2**-13 + 2**-14), 3.0], dtype=torch.float64)
+    assert model.truncate_mantissa(x).tolist() == [1 + 2**-13, -(1 + 2**-13), 3.0]
+
+
+def test_one_step_is_exact_for_products_of_equal_exponent():
+    a = torch.full((1, 32), 1.5, dtype=torch.float64)
+    b = torch.full((1, 32), 2.0, dtype=torch.float64)
+    assert model.wgmma_k32(a, b, None).item() == 96.0
+
+
+def test_small_products_are_cut_below_the_largest():
+    a = torch.zeros(1, 32, dtype=torch.float64)
+    b = torch.ones(1, 32, dtype=torch.float64)
+    a[0, 0], a[0, 1] = 448.0, 2.0**-8  # 2^-8 is 2^-16.8 of 448: below the 14 kept bits
+    assert model.wgmma_k32(a, b, None).item() == 448.0
+
+
+def test_promotion_reduces_the_error_of_a_chain():
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(8, 256, generator=gen).bfloat16().double() * 64
+    hi = model.e4m3(x)
+    lo = model.e4m3(x - hi)
+    k = model.e4m3(torch.randn(128, 256, generator=gen) * 100)
+    exact = x @ k.T
+    err = {g: (model.qk_fp8(hi, lo, k, g) - exact).abs().max().item() for g in (16, 2)}
+    assert err[2] < err[16] / 2
