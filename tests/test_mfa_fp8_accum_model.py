@@ -1,13 +1,9 @@
 """The CPU model behind v6's fp8 QK^T promotion (dev/mfa/fp8_accum_model.py)."""
-import importlib.util
-import pathlib
-
 import torch
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "mfa" / "fp8_accum_model.py"
-_spec = importlib.util.spec_from_file_location("fp8_accum_model", _PATH)
-model = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(model)
+from dev_module import load_dev_module
+
+model = load_dev_module("dev/mfa/fp8_accum_model.py", "fp8_accum_model")
 
 
 def test_truncate_mantissa_rounds_toward_zero_to_13_bits():

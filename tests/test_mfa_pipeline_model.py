@@ -7,21 +7,13 @@ tile's data, and each deliberately broken variant must be caught (so the checker
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "mfa" / "v5_pipeline_model.py"
+from dev_module import load_dev_module
 
 
 def _model():
-    spec = importlib.util.spec_from_file_location("mfa_v5_pipeline_model", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_dev_module("dev/mfa/v5_pipeline_model.py", "mfa_v5_pipeline_model")
 
 
 def test_v5_pipeline_has_no_deadlock_or_stale_read() -> None:

@@ -9,21 +9,13 @@ must be caught (so the checker can fail).
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-import sys
-
 import pytest
 
-_PATH = pathlib.Path(__file__).resolve().parents[1] / "dev" / "pending" / "mfa_v6_pipeline_model.py"
+from dev_module import load_dev_module
 
 
 def _model():
-    spec = importlib.util.spec_from_file_location("mfa_v6_pipeline_model", _PATH)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_dev_module("dev/pending/mfa_v6_pipeline_model.py", "mfa_v6_pipeline_model")
 
 
 @pytest.mark.parametrize("config", ["fp8-tensor", "fp8-token", "bf16-tensor", "bf16-token"])
