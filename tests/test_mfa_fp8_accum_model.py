@@ -24,25 +24,25 @@ def test_small_products_are_cut_below_the_largest():
     assert model.wgmma_k32(a, b, None).item() == 448.0
 
 
-def test_promotion_reduces_the_error_of_a_chain():
-    gen = torch.Generator().manual_seed(3)
+def _operands(seed: int):
+    """Q rows as (x, hi, lo), K codes and the exact S, on the scale the kernel uses."""
+    gen = torch.Generator().manual_seed(seed)
     x = torch.randn(8, 256, generator=gen).bfloat16().double() * 64
     hi = model.e4m3(x)
     lo = model.e4m3(x - hi)
     k = model.e4m3(torch.randn(128, 256, generator=gen) * 100)
-    exact = x @ k.T
+    return hi, lo, k, x @ k.T
+
+
+def test_promotion_reduces_the_error_of_a_chain():
+    hi, lo, k, exact = _operands(3)
     err = {g: (model.qk_fp8(hi, lo, k, g) - exact).abs().max().item() for g in (16, 2)}
     assert err[2] < err[16] / 2
 
 
 def test_chaining_the_low_term_costs_little():
     """The kernel promotes only the high Q term: the low term's error is ~2^-4 smaller."""
-    gen = torch.Generator().manual_seed(5)
-    x = torch.randn(8, 256, generator=gen).bfloat16().double() * 64
-    hi = model.e4m3(x)
-    lo = model.e4m3(x - hi)
-    k = model.e4m3(torch.randn(128, 256, generator=gen) * 100)
-    exact = x @ k.T
+    hi, lo, k, exact = _operands(5)
     both = (model.qk_fp8(hi, lo, k, 2) - exact).abs().max().item()
     hi_only = (model.qk_fp8_hi_promoted(hi, lo, k, 2) - exact).abs().max().item()
     chained = (model.qk_fp8(hi, lo, k, 16) - exact).abs().max().item()
