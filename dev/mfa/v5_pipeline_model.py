@@ -46,7 +46,10 @@ class ModelError(Exception):
 
 @dataclass
 class Barrier:
+    """An mbarrier: `count` arrivals plus transaction bytes complete a phase (the v6
+    model uses this one too)."""
     count: int
+    name: str = ""
     pending: int = -1
     tx: int = 0
     phase: int = 0  # completed phases
@@ -54,11 +57,11 @@ class Barrier:
     def __post_init__(self) -> None:
         self.pending = self.count
 
-    def arrive(self, expect_tx: int = 0) -> None:
+    def arrive(self, n: int = 1, expect_tx: int = 0) -> None:
         self.tx += expect_tx
-        self.pending -= 1
+        self.pending -= n
         if self.pending < 0:
-            raise ModelError("more arrivals than the barrier's count in one phase")
+            raise ModelError(f"more arrivals on {self.name or 'a barrier'} than its count in one phase")
         self._maybe_complete()
 
     def land(self, nbytes: int) -> None:

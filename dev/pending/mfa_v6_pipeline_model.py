@@ -44,48 +44,29 @@ itself covers tile t - 2); the kernel keeps that wait as a guard.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import random
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _load_v5_model():
+    """The v5 model's barrier and error types (dev/mfa/v5_pipeline_model.py), shared."""
+    path = Path(__file__).resolve().parents[2] / "dev" / "mfa" / "v5_pipeline_model.py"
+    spec = importlib.util.spec_from_file_location("mfa_v5_pipeline_model_shared", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses resolve the module by name
+    spec.loader.exec_module(mod)
+    return mod
+
+
+_v5 = _load_v5_model()
+Barrier, ModelError = _v5.Barrier, _v5.ModelError
 
 CONFIGS = {"fp8-tensor": (3, 4, False), "fp8-token": (3, 4, True),
            "bf16-tensor": (2, 2, False), "bf16-token": (2, 2, True)}
 MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait")
-
-
-class ModelError(Exception):
-    pass
-
-
-@dataclass
-class Barrier:
-    count: int
-    name: str = ""
-    pending: int = -1
-    tx: int = 0
-    phase: int = 0  # completed phases
-
-    def __post_init__(self) -> None:
-        self.pending = self.count
-
-    def arrive(self, n: int = 1, expect_tx: int = 0) -> None:
-        self.tx += expect_tx
-        self.pending -= n
-        if self.pending < 0:
-            raise ModelError(f"more arrivals on {self.name} than its count in one phase")
-        self._maybe_complete()
-
-    def land(self, nbytes: int) -> None:
-        self.tx -= nbytes
-        self._maybe_complete()
-
-    def _maybe_complete(self) -> None:
-        if self.pending == 0 and self.tx == 0:
-            self.phase += 1
-            self.pending = self.count
-
-    def passed(self, parity: int) -> bool:
-        return (self.phase & 1) != parity
 
 
 @dataclass
