@@ -1,4 +1,4 @@
-"""The synchronisation model of the v6 MFA kernel (dev/pending/mfa_v6_pipeline_model.py, the pending v6 kernel).
+"""The synchronisation model of the v6 MFA kernel (dev/mfa/v6_pipeline_model.py).
 
 Random interleavings of the loader threads, the two consumers and the copies over
 mbarrier-like objects: the design must never deadlock or let a reader see another
@@ -15,7 +15,7 @@ from dev_module import load_dev_module
 
 
 def _model():
-    return load_dev_module("dev/pending/mfa_v6_pipeline_model.py", "mfa_v6_pipeline_model")
+    return load_dev_module("dev/mfa/v6_pipeline_model.py", "mfa_v6_pipeline_model")
 
 
 @pytest.mark.parametrize("config", ["fp8-tensor", "fp8-token", "bf16-tensor", "bf16-token"])
@@ -31,6 +31,7 @@ def test_v6_pipeline_has_no_deadlock_or_stale_read(config: str) -> None:
     ("no_k_empty_wait", "bf16-tensor"),
     ("early_k_release", "fp8-token"),
     ("early_k_release", "bf16-token"),
+    ("no_q_arrive", "fp8-tensor"),
 ])
 def test_model_catches_broken_variants(mutation: str, config: str) -> None:
     assert _model().main(["--runs", "300", "--seed", "7", "--config", config, "--mutate", mutation]) == 1

@@ -29,37 +29,46 @@ constexpr int kNumConsumerWg = 2;      // consumer c takes the tiles j with j % 
 constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 loads + converts
 constexpr int kMergeDims = kHeadDim / kNumConsumerWg;  // epilogue: consumer c writes dims [128c, +128)
 // setmaxnreg targets. The pool is what the launch allocated: 168 registers (the cap
-// for 384 threads) x 384; asking for more makes setmaxnreg.inc wait forever.
-// Consumers hold O (64 x 256 fp32: 128 registers) + S + the next Q and need 216;
-// at these caps ptxas parks 16 bytes per segment (consumers) and 8 bytes per
-// half-tile (loader) in local memory, both L1 hits.
+// for 384 threads) x 384; asking for more makes setmaxnreg.inc wait forever. The
+// loader only issues copies (and stores per-token scales), so it keeps 56; the
+// consumers hold O (64 x 256 fp32: 128 registers) + S + P and get the rest.
 constexpr int kLaunchRegs = 168;
+#ifdef AFDKIT_MFA_V6B  // dev variant: the loader converts V (two issue cursors + the convert)
 constexpr int kLoaderRegs = 72;
 constexpr int kConsumerRegs = 216;
-constexpr int kSwizzleBytes = 128;     // 128B swizzle: 64 fp16 per swizzle row
+#else
+constexpr int kLoaderRegs = 56;
+constexpr int kConsumerRegs = 224;
+#endif
+// fp8 QK^T (16 K-steps: 2 Q terms x 8 x 32 dims): K-steps of the high Q term per
+// fresh wgmma accumulator, added in fp32 on the CUDA cores (1, 2, 4 or 8; the low term
+// is chained). 16 = every step of both terms chained into one accumulator, no promotion
+// (too coarse: see docs/mfa-decode.md, Numerics).
+#ifndef AFDKIT_MFA_QK_PROMOTE
+#define AFDKIT_MFA_QK_PROMOTE 2
+#endif
+constexpr int kQkPromoteSteps = AFDKIT_MFA_QK_PROMOTE;
+constexpr int kSwizzleBytes = 128;     // 128B swizzle: 64 fp16 (128 e4m3) per swizzle row
 constexpr int kSwizzleCols = kSwizzleBytes / 2;
 constexpr int kOpTileBytes = kTileN * kHeadDim * 2;   // one fp16/bf16 64x256 operand tile
 constexpr int kColBlockBytes = kTileN * kSwizzleBytes; // 64 rows x 128 B = 8 KB
-constexpr int kRawStageBytes = 96 * 1024;             // bulk-copy staging, K ring + V ring
-constexpr int kVopBuffers = 2;         // one converted V tile per consumer (K: one, QK is short)
+constexpr int kVopBuffers = 2;         // one converted V tile per consumer
 constexpr float kPerTokenVShift = 1024.0f; // P*v_scale*2^10 keeps fp16 P normal
 
-// Raw stages hold one K or one V half-tile (64 rows of the cache's dtype). K and V
-// have separate rings: the loader converts K, each consumer converts the V of its
-// own tiles, so the two are released by different warpgroups at different times.
-// V gets the larger share: it is converted last (at the start of its consumer's
-// tile, up to two tiles after its K). kAhead: tiles whose copies are in flight
-// ahead of the tile the loader converts (K(j + kAhead) reuses the stage K(j - 1)
-// left one step earlier, so the issuing thread rarely waits).
+// Raw stages hold one K or one V half-tile (64 rows of the cache's dtype). K lands
+// through a tensor map already in the 128B-swizzled operand layout and QK^T reads it
+// in place (fp8: e4m3 wgmma against Q split into two e4m3 terms); V is converted by
+// the tile's consumer. Both rings are released by the consumer of the tile, K after
+// its QK^T, V after its conversion. Per-token scales: k_scale per K stage, v_scale in
+// kKStages + 2 slots (a slot is rewritten only after the loader saw K(t - kKStages)
+// released, i.e. after the PV of tile t - kKStages - 2 by the same argument).
 template <int kKvBytes>
 struct RawRing {
   static constexpr int kHalfTileBytes = kTileN * kHeadDim * kKvBytes;
-  static constexpr int kStages = kRawStageBytes / kHalfTileBytes;  // 6 fp8 / 3 bf16
-  static constexpr int kVStages = (kStages + 1) / 2;               // 3 / 2
-  static constexpr int kKStages = kStages - kVStages;              // 3 / 1
-  static constexpr int kAhead = kKStages > 1 ? kKStages - 1 : 1;   // 2 / 1
+  static constexpr int kKStages = kKvBytes == 1 ? 3 : 2;
+  static constexpr int kVStages = kKvBytes == 1 ? 4 : 2;
+  static constexpr int kVScaleSlots = kKStages + 2;
   static_assert(kKStages >= 1 && kVStages >= 2, "one K stage and one V stage per consumer at least");
-  static_assert(kAhead <= kKStages && kAhead <= kVStages, "the prologue issues kAhead tiles into fresh stages");
 };
 
 // ---- SIMT oracle ------------------------------------------------------------------
@@ -69,8 +78,7 @@ constexpr int kSimtThreads = 256; // one thread per output dim
 
 // ---- append / combine --------------------------------------------------------------
 constexpr int kAppendWarps = 8;
-constexpr int kCombineWarps = 8;         // one block of 8 warps per output row
-constexpr int kMaxCombineSplits = 1024;  // splits of one sequence <= plan parts <= SMs
+constexpr int kCombineWarps = 8;          // warps per combine block (1..8 of them per output row)
 
 static_assert(kHeadDim == 256, "kernels index dims with 256-wide rows");
 static_assert(kSimtThreads == kHeadDim, "SIMT: one thread per dim");

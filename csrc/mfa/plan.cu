@@ -10,7 +10,10 @@
 // empty sequence, whose zeros/-inf some part must still write).
 #include <cuda_bf16.h>
 
+#include <cstdlib>
+
 #include "common/cuda_check.h"
+#include "common/ptx.cuh"
 #include "mfa/common.cuh"
 #include "mfa/launch_checks.h"
 
@@ -109,80 +112,82 @@ __global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_me
   fill_parts(seq_lens, batch, part_meta, batch_meta, num_parts, target, true);
 }
 
-// One warp per (sequence, q token, q head) row of a split sequence; lane l owns
-// dims 8l..8l+7. Unsplit sequences were written by the decode kernel.
-// One block per output row (sequence b, token i, head hq) of a split sequence.
-// The splits' lse give the weights exp(lse_s - max) (block reductions); warp w then
-// sums splits w, w + 8, ... over all 256 dims (8 per lane; the unrolled loop keeps
-// several splits' loads in flight) and the 8 warp sums are added through shared
-// memory. A warp per row walking every split in turn (the first version) was
-// bound by one L2 round trip per split: ~35 us at batch 1 x 32K with 132 splits.
-template <bool kMax>
-__device__ __forceinline__ float block_reduce(float v, float* red) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-    const float o = __shfl_xor_sync(0xffffffffu, v, off);
-    v = kMax ? fmaxf(v, o) : v + o;
-  }
-  __syncthreads();  // red may still be read by the previous reduction
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = red[0];
-#pragma unroll
-  for (int w = 1; w < cfg::kCombineWarps; ++w) v = kMax ? fmaxf(v, red[w]) : v + red[w];
-  return v;
-}
-
-__global__ void combine_kernel(DecodeParams p, PlanBuffers pb) {
-  __shared__ float wts[cfg::kMaxCombineSplits];
-  __shared__ float red[cfg::kCombineWarps];
+// The LSE-weighted merge of the split sequences' partial rows. A row is (sequence b,
+// q token i, q head hq); kW warps serve one row and a block of 8 warps serves
+// 8 / kW rows. Many splits per sequence (small batches) want many warps per row so
+// that several splits' loads are in flight (one warp walking 132 splits in turn was
+// bound by one L2 round trip per split: ~35 us at batch 1 x 32K); few splits (large
+// batches) want one warp per row, or most of each block idles (a block per row cost
+// ~10 us more than a warp per row at batch 64 x 4K). The group's threads take the max
+// of the splits' lse; warp w of the group sums splits w, w + kW, ... over all 256
+// dims (8 per lane, weight exp(lse_s - max) per split, the unrolled loop keeps
+// several splits' loads in flight); the group's warp sums meet in shared memory.
+template <int kW>
+__global__ void __launch_bounds__(cfg::kCombineWarps * 32)
+    combine_kernel(const DecodeParams p, const PlanBuffers pb, int64_t rows) {
+  constexpr int kRowsPerBlock = cfg::kCombineWarps / kW;
+  __shared__ float warp_max[cfg::kCombineWarps], warp_sum[cfg::kCombineWarps];
   __shared__ float sums[cfg::kCombineWarps][cfg::kHeadDim];
-  const int64_t row = blockIdx.x;
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int g = warp / kW, wi = warp % kW, gt = wi * 32 + lane;  // row group, warp and thread in it
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + g;
+  if (row >= rows) return;  // the whole group leaves; groups only sync among themselves
   const int64_t rows_per_b = static_cast<int64_t>(p.q_len) * p.num_q_heads;
   const int b = static_cast<int>(row / rows_per_b);
   const int within = static_cast<int>(row % rows_per_b);  // = i * Hq + hq
   const int splits = pb.batch_meta[b * cfg::kBatchMetaInts];
-  if (splits <= 1) return;
+  if (splits <= 1) return;  // written by the decode kernel
   const int64_t slot0 = pb.batch_meta[b * cfg::kBatchMetaInts + 1];
   const float* lse = pb.lse_partial + slot0 * rows_per_b + within;
+  const auto group_sync = [&] {
+    if constexpr (kW == 1) __syncwarp();
+    else ptx::named_bar_sync(1 + g, kW * 32);
+  };
   float mx = -INFINITY;
-  for (int s = tid; s < splits; s += blockDim.x) {
-    wts[s] = lse[s * rows_per_b];
-    mx = fmaxf(mx, wts[s]);
+  for (int s = gt; s < splits; s += kW * 32) mx = fmaxf(mx, lse[s * rows_per_b]);
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+  if constexpr (kW > 1) {
+    if (lane == 0) warp_max[warp] = mx;
+    group_sync();
+#pragma unroll
+    for (int w = 0; w < kW; ++w) mx = fmaxf(mx, warp_max[g * kW + w]);
   }
-  mx = block_reduce<true>(mx, red);
-  float sum = 0.f;
-  for (int s = tid; s < splits; s += blockDim.x) {
-    const float w = mx == -INFINITY ? 0.f : expf(wts[s] - mx);
-    wts[s] = w;
-    sum += w;
-  }
-  sum = block_reduce<false>(sum, red);  // its barriers also publish wts
-  float acc[8] = {};
+  float acc[8] = {}, sum = 0.f;
 #pragma unroll 4
-  for (int s = warp; s < splits; s += cfg::kCombineWarps) {
-    const float w = wts[s];
+  for (int s = wi; s < splits; s += kW) {
+    const float w = mx == -INFINITY ? 0.f : expf(lse[s * rows_per_b] - mx);
     const float* o = pb.o_partial + ((slot0 + s) * rows_per_b + within) * cfg::kHeadDim + lane * 8;
     const float4 a = *reinterpret_cast<const float4*>(o);
     const float4 c = *reinterpret_cast<const float4*>(o + 4);
+    sum += w;
     acc[0] += w * a.x, acc[1] += w * a.y, acc[2] += w * a.z, acc[3] += w * a.w;
     acc[4] += w * c.x, acc[5] += w * c.y, acc[6] += w * c.z, acc[7] += w * c.w;
   }
-#pragma unroll
-  for (int e = 0; e < 8; ++e) sums[warp][lane * 8 + e] = acc[e];
-  __syncthreads();
-  const float inv = sum > 0.f ? 1.f / sum : 0.f;
   const int i = within / p.num_q_heads, hq = within % p.num_q_heads;
   auto* out = static_cast<__nv_bfloat16*>(p.out) + b * p.out_stride_b + i * p.out_stride_t + hq * p.out_stride_h;
-  for (int d = tid; d < cfg::kHeadDim; d += blockDim.x) {
-    float v = 0.f;
+  if constexpr (kW == 1) {
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
 #pragma unroll
-    for (int w = 0; w < cfg::kCombineWarps; ++w) v += sums[w][d];
-    out[d] = __float2bfloat16_rn(v * inv);
+    for (int e = 0; e < 8; e += 2)
+      *reinterpret_cast<__nv_bfloat162*>(out + lane * 8 + e) = __floats2bfloat162_rn(acc[e] * inv, acc[e + 1] * inv);
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) sums[warp][lane * 8 + e] = acc[e];
+    if (lane == 0) warp_sum[warp] = sum;  // every lane of a warp holds the same sum
+    group_sync();
+    sum = 0.f;
+#pragma unroll
+    for (int w = 0; w < kW; ++w) sum += warp_sum[g * kW + w];
+    const float inv = sum > 0.f ? 1.f / sum : 0.f;
+    for (int d = gt; d < cfg::kHeadDim; d += kW * 32) {
+      float v = 0.f;
+#pragma unroll
+      for (int w = 0; w < kW; ++w) v += sums[g * kW + w][d];
+      out[d] = __float2bfloat16_rn(v * inv);
+    }
   }
-  if (tid == 0 && p.lse) p.lse[static_cast<int64_t>(b) * rows_per_b + within] = sum > 0.f ? mx + logf(sum) : -INFINITY;
+  if (gt == 0 && p.lse) p.lse[static_cast<int64_t>(b) * rows_per_b + within] = sum > 0.f ? mx + logf(sum) : -INFINITY;
 }
 
 }  // namespace
@@ -217,13 +222,34 @@ void plan(const int32_t* seq_lens, int batch, const PlanBuffers& pb, cudaStream_
 }
 
 namespace detail {
+// Warps per output row: about one per 8 splits a sequence has on average (parts per
+// sequence when the work spreads evenly), 1..8. AFDKIT_MFA_COMBINE_WARPS overrides it
+// (1, 2, 4 or 8) for A/B timing.
+int combine_warps_per_row(int batch, int num_sm_parts) {
+  if (const char* v = std::getenv("AFDKIT_MFA_COMBINE_WARPS")) {
+    const int w = std::atoi(v);
+    if (w == 1 || w == 2 || w == 4 || w == 8) return w;
+  }
+  const int splits = (num_sm_parts + batch - 1) / batch;
+  return splits >= 32 ? 8 : splits >= 12 ? 4 : splits >= 4 ? 2 : 1;
+}
+
 void launch_combine(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream) {
   if (pb.num_sm_parts <= 1 || p.batch == 0) return;  // nothing can be split
-  AFDKIT_CHECK(pb.num_sm_parts <= cfg::kMaxCombineSplits, "mfa.combine: ", pb.num_sm_parts,
-               " parts; a sequence can have at most ", cfg::kMaxCombineSplits, " splits");
-  const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.num_q_heads;  // one block each
-  AFDKIT_CHECK(rows < (int64_t{1} << 31), "mfa.combine: too many rows (", rows, ")");
-  combine_kernel<<<static_cast<unsigned>(rows), cfg::kCombineWarps * 32, 0, stream>>>(p, pb);
+  const int64_t rows = static_cast<int64_t>(p.batch) * p.q_len * p.num_q_heads;
+  const int w = combine_warps_per_row(p.batch, pb.num_sm_parts);
+  const int64_t blocks = (rows * w + cfg::kCombineWarps - 1) / cfg::kCombineWarps;
+  AFDKIT_CHECK(blocks < (int64_t{1} << 31), "mfa.combine: too many rows (", rows, ")");
+  // A plain launch: as a programmatic dependent of the decode kernel (launched
+  // early, waiting in griddepcontrol.wait) the whole decode + combine call was 5-7 us
+  // slower at batch 1 and no faster at batch 8-128 (H100, bench/results/2026-12-07-h100-mfa-v6.md).
+  const dim3 grid(static_cast<unsigned>(blocks)), block(cfg::kCombineWarps * 32);
+  switch (w) {
+    case 1: combine_kernel<1><<<grid, block, 0, stream>>>(p, pb, rows); break;
+    case 2: combine_kernel<2><<<grid, block, 0, stream>>>(p, pb, rows); break;
+    case 4: combine_kernel<4><<<grid, block, 0, stream>>>(p, pb, rows); break;
+    default: combine_kernel<8><<<grid, block, 0, stream>>>(p, pb, rows); break;
+  }
   AFDKIT_CHECK_LAUNCH();
 }
 }  // namespace detail

@@ -15,6 +15,9 @@
 
 namespace afdkit::mfa::sm90 {
 
+// fp8: bytes of one e4m3 Q term (64 rows x 256 dims); the low term follows the high one.
+constexpr int kQTermBytes = cfg::kRowsPerCta * cfg::kHeadDim;
+
 struct RowState {
   float m[2];     // running max of the log2-domain logits (rows g and g + 8)
   float l[2];     // this thread's partial row sums (quad-reduced at the end)
@@ -64,19 +67,47 @@ __device__ __forceinline__ void fetch_q(const DecodeParams& p, int b, int h, int
   }
 }
 
+// fp8 path: 8 scaled Q values of row r, dims [8 lane, +8), as two e4m3 terms
+// hi = e4m3(x), lo = e4m3(x - hi), so that (hi + lo) . K keeps ~7 mantissa bits of
+// Q (one e4m3 term alone would cost ~3 % in the logits). Each term is a 64 x 256
+// e4m3 tile (16 KB: two 128-byte-swizzled column blocks); lane l writes 8 bytes,
+// half of 16-byte chunk l / 2.
+template <KvDtype kKv>
+__device__ __forceinline__ void store_q_e4m3_pair(Smem<kKv>& s, int r, int lane, const float (&x)[8]) {
+  uint32_t hi[2], lo[2];
+#pragma unroll
+  for (int w = 0; w < 2; ++w) {
+    uint16_t h2[2], l2[2];
+#pragma unroll
+    for (int e = 0; e < 2; ++e) {
+      const float a = x[4 * w + 2 * e], b = x[4 * w + 2 * e + 1];
+      h2[e] = ptx::cvt_f32x2_e4m3x2(a, b);
+      const uint32_t hf = ptx::cvt_e4m3x2_f16x2(h2[e]);
+      const float2 back = __half22float2(*reinterpret_cast<const __half2*>(&hf));
+      l2[e] = ptx::cvt_f32x2_e4m3x2(a - back.x, b - back.y);
+    }
+    hi[w] = h2[0] | (static_cast<uint32_t>(h2[1]) << 16);
+    lo[w] = l2[0] | (static_cast<uint32_t>(l2[1]) << 16);
+  }
+  const int chunk = lane >> 1;  // 16-byte chunk of 16 e4m3 along the 256 dims
+  const uint32_t off = (chunk >> 3) * cfg::kColBlockBytes + r * cfg::kSwizzleBytes +
+                       (((chunk & 7) ^ (r & 7)) << 4) + (lane & 1) * 8;
+  *reinterpret_cast<uint2*>(s.q + off) = make_uint2(hi[0], hi[1]);
+  *reinterpret_cast<uint2*>(s.q + kQTermBytes + off) = make_uint2(lo[0], lo[1]);
+}
+
 // Fetched Q rows -> operand tile, scaled per row by a power of two that puts the
 // row's amax in [128, 256) (fp16 range and precision for any input); row_mult
 // undoes it and applies softmax_scale * log2(e) (* k_scale per tensor). The eight
 // rows of a warp are reduced together so their shuffles overlap.
 template <KvDtype kKv>
-__device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int rb, const QRegs& qr) {
+__device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int rb, const QRegs& qr,
+                                        float base_mult) {
   using Op = typename Traits<kKv>::Op;
   constexpr int kR = cfg::kRowsPerCta / 8;
   const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
   const int warp = ct / 32, lane = ct % 32;
   const int rows = p.q_len * (p.num_q_heads / p.num_kv_heads);
-  float base_mult = p.softmax_scale * cfg::kLog2e;
-  if (p.scale_mode == ScaleMode::kPerTensor) base_mult *= *p.k_scale;
   float amax[kR];
 #pragma unroll
   for (int i = 0; i < kR; ++i) {
@@ -103,28 +134,98 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
     const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&qr.v[i]);
     float x[8];
 #pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]);
-    uint4 v;
-    v.x = ptx::pack2<Op>(x[0] * qf, x[1] * qf);
-    v.y = ptx::pack2<Op>(x[2] * qf, x[3] * qf);
-    v.z = ptx::pack2<Op>(x[4] * qf, x[5] * qf);
-    v.w = ptx::pack2<Op>(x[6] * qf, x[7] * qf);
-    *reinterpret_cast<uint4*>(s.q + op_chunk_offset(r, lane)) = v;
+    for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]) * qf;
+    if constexpr (Traits<kKv>::kFp8) {
+      store_q_e4m3_pair(s, r, lane, x);
+    } else {
+      uint4 v;
+      v.x = ptx::pack2<Op>(x[0], x[1]);
+      v.y = ptx::pack2<Op>(x[2], x[3]);
+      v.z = ptx::pack2<Op>(x[4], x[5]);
+      v.w = ptx::pack2<Op>(x[6], x[7]);
+      *reinterpret_cast<uint4*>(s.q + op_chunk_offset(r, lane)) = v;
+    }
     if (lane == 0) s.row_mult[r] = rg < rows ? base_mult / qf : 0.f;
   }
 }
 
-// S = Q . K^T over all 256 dims: 16 K-steps of 16 dims.
+// fp8 K-step `st` of QK^T (Q term st / 8: high, low; dims 32 (st % 8)..+32): byte
+// offsets of its A tile in s.q and of its B tile in the K stage (a 32-byte slice of a
+// 128-byte swizzle row, in column block (st % 8) / 4).
+__device__ __forceinline__ uint32_t qk_e4m3_k_offset(int st) {
+  const int ks = st % (cfg::kHeadDim / 32);
+  return (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
+}
+__device__ __forceinline__ uint32_t qk_e4m3_q_offset(int st) {
+  return (st / (cfg::kHeadDim / 32)) * kQTermBytes + qk_e4m3_k_offset(st);
+}
+
+// S = Q . K^T over all 256 dims, K read in place from its raw stage (TMA wrote it
+// in the 128B-swizzled K-major layout). fp8: 2 x 8 e4m3 K-steps of 32 dims (the high
+// and the low Q term); bf16: 16 K-steps of 16 dims. A K-step of either is 32 bytes of
+// a 128-byte swizzle row.
 template <KvDtype kKv>
-__device__ __forceinline__ void mma_qk(Smem<kKv>& s, float (&acc)[32]) {
+__device__ __forceinline__ void mma_qk(Smem<kKv>& s, int stage, float (&acc)[32]) {
   using Op = typename Traits<kKv>::Op;
-  const uint32_t q_base = ptx::smem_addr(s.q), k_base = ptx::smem_addr(s.k_op);
+  const uint32_t q_base = ptx::smem_addr(s.q), k_base = ptx::smem_addr(s.raw_k[stage]);
   ptx::wgmma_fence();
+  if constexpr (Traits<kKv>::kFp8) {
+    constexpr int kSteps = 2 * cfg::kHeadDim / 32;  // (term, 32-dim K-step) pairs
+    constexpr int kGroup = cfg::kQkPromoteSteps;
+    static_assert(kSteps % kGroup == 0, "promotion groups tile the K-steps");
+    if constexpr (kGroup == kSteps) {  // one accumulator (the first GPU run: too coarse)
 #pragma unroll
-  for (int ks = 0; ks < cfg::kHeadDim / 16; ++ks) {
-    const uint32_t off = (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
-    ptx::wgmma_m64n64k16_ss<Op>(acc, ptx::make_smem_desc(q_base + off, 16, 1024),
-                                ptx::make_smem_desc(k_base + off, 16, 1024), ks > 0);
+      for (int st = 0; st < kSteps; ++st)
+        ptx::wgmma_m64n64k32_ss_e4m3(acc, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
+                                     ptx::make_smem_desc(k_base + qk_e4m3_k_offset(st), 16, 1024), st > 0);
+    } else {
+      // Hopper's fp8 wgmma keeps 13-14 bits in its accumulation (see docs/mfa-decode.md,
+      // Numerics): the high Q term's K-steps get a fresh accumulator every kGroup steps,
+      // added in fp32 on the CUDA cores. The low term is ~2^-4 of the high one, so its
+      // truncation error is too: it is chained (8 steps per 32-token half) straight into
+      // the S accumulator, whose chains run while the first high group is waited for.
+      // Per tile that is 8 / kGroup x 2 waits (16-register fresh accumulator per 32-token
+      // half) instead of 16 for promoting both terms.
+      constexpr int kHalfSteps = kSteps / 2;  // K-steps of one Q term
+      constexpr int kHiGroups = kHalfSteps / kGroup;
+      static_assert(kHalfSteps % kGroup == 0, "promotion groups tile the high term's K-steps");
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        float(&ah)[16] = *reinterpret_cast<float(*)[16]>(&acc[16 * h]);
+        const uint32_t k_half = k_base + h * 32 * cfg::kSwizzleBytes;  // tokens 32h..32h+31
+#pragma unroll
+        for (int st = kHalfSteps; st < kSteps; ++st)
+          ptx::wgmma_m64n32k32_ss_e4m3(ah, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
+                                       ptx::make_smem_desc(k_half + qk_e4m3_k_offset(st), 16, 1024), st > kHalfSteps);
+      }
+      float part[16];
+#pragma unroll
+      for (int i = 0; i < 2 * kHiGroups; ++i) {  // (half, high-term group)
+        const int h = i / kHiGroups, g = i % kHiGroups;
+        float(&ah)[16] = *reinterpret_cast<float(*)[16]>(&acc[16 * h]);
+        const uint32_t k_half = k_base + h * 32 * cfg::kSwizzleBytes;
+        if (i > 0) ptx::wgmma_fence();
+#pragma unroll
+        for (int st = g * kGroup; st < (g + 1) * kGroup; ++st)
+          ptx::wgmma_m64n32k32_ss_e4m3(part, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
+                                       ptx::make_smem_desc(k_half + qk_e4m3_k_offset(st), 16, 1024),
+                                       st > g * kGroup);
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        if (i == 0) ptx::fence_regs(acc);
+        ptx::fence_regs(part);
+#pragma unroll
+        for (int k = 0; k < 16; ++k) ah[k] += part[k];
+      }
+      return;
+    }
+  } else {
+#pragma unroll
+    for (int ks = 0; ks < cfg::kHeadDim / 16; ++ks) {
+      const uint32_t off = (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
+      ptx::wgmma_m64n64k16_ss<Op>(acc, ptx::make_smem_desc(q_base + off, 16, 1024),
+                                  ptx::make_smem_desc(k_base + off, 16, 1024), ks > 0);
+    }
   }
   ptx::wgmma_commit();
   ptx::wgmma_wait<0>();
@@ -156,11 +257,11 @@ __device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)
 // Per-token K scales multiply the S columns right after QK^T, so that k_scale and
 // the K tile are free as soon as the consumer releases them.
 template <KvDtype kKv>
-__device__ __forceinline__ void scale_k_columns(const Smem<kKv>& s, float (&acc)[32]) {
+__device__ __forceinline__ void scale_k_columns(const Smem<kKv>& s, int stage, float (&acc)[32]) {
   const int q = threadIdx.x % 4;
 #pragma unroll
   for (int n = 0; n < 8; ++n) {
-    const float2 ks = *reinterpret_cast<const float2*>(&s.k_scale[8 * n + 2 * q]);
+    const float2 ks = *reinterpret_cast<const float2*>(&s.k_scale[stage][8 * n + 2 * q]);
     acc[4 * n] *= ks.x, acc[4 * n + 1] *= ks.y;
     acc[4 * n + 2] *= ks.x, acc[4 * n + 3] *= ks.y;
   }
@@ -214,11 +315,11 @@ __device__ __forceinline__ void softmax_tile(const DecodeParams& p, Smem<kKv>& s
 // chunks 2kk and 2kk+1, which are exactly the A-fragment rows/columns of a thread.
 // Per-token V scales multiply the columns (x 2^10, undone in the epilogue).
 template <KvDtype kKv>
-__device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<kKv>& s, int c, uint32_t parity,
+__device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<kKv>& s, int slot,
                                              const float (&acc)[32], uint32_t (&pf)[4][4]) {
   using Op = typename Traits<kKv>::Op;
   const int q = threadIdx.x % 4;
-  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
+  const bool per_token = per_token_scales<kKv>(p);
 #pragma unroll
   for (int kk = 0; kk < 4; ++kk) {
 #pragma unroll
@@ -227,8 +328,8 @@ __device__ __forceinline__ void make_p_frags(const DecodeParams& p, const Smem<k
       float a = acc[k], b = acc[k + 1];
       if (per_token) {
         const int col = 16 * kk + 8 * (r / 2) + 2 * q;
-        a *= s.v_scale[c][parity][col] * cfg::kPerTokenVShift;
-        b *= s.v_scale[c][parity][col + 1] * cfg::kPerTokenVShift;
+        a *= s.v_scale[slot][col] * cfg::kPerTokenVShift;
+        b *= s.v_scale[slot][col + 1] * cfg::kPerTokenVShift;
       }
       pf[kk][r] = ptx::pack2<Op>(a, b);
     }

@@ -1,12 +1,18 @@
 // The sm90a MFA decode kernel: a persistent CTA per (plan part, kv head, 64-row
 // block), 3 warpgroups over one shared-memory layout:
-//   WG0  loader: bulk copies K/V half-tiles, converts K to swizzled fp16/bf16
-//   WG1, WG2  consumers: convert their V, QK^T and PV on wgmma, online softmax, epilogue
-// Pipeline objects: raw_k_full/raw_v_full[stage] (copy -> converter),
-// raw_k_empty/raw_v_empty[stage] (converter threads -> copy issue), k_full[c]
-// (loader -> consumer c, 128 arrivals), k_empty (consumer -> loader, one per
-// consumer warp). Tile j of a part goes to consumer j % 2. See docs/mfa-decode.md.
+//   WG0  loader: warp 0 walks pages, its lane 0 issues the copies (K through a tensor map into the
+//        swizzled operand layout, V as bulk row copies); per-token scales
+//   WG1, WG2  consumers: convert their V, QK^T on K in place, PV, online softmax, epilogue
+// Pipeline objects: raw_k_full/raw_v_full[stage] (copy -> consumer of the tile),
+// raw_k_empty (the consumer's 4 warps after QK^T -> issue), raw_v_empty (the
+// consumer's 128 threads after converting V -> issue). Tile j of a part goes to
+// consumer j % 2. See docs/mfa-decode.md.
 #pragma once
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <algorithm>
+
 #include "common/cuda_check.h"
 #include "common/ptx.cuh"
 #include "mfa/launch_checks.h"
@@ -17,12 +23,28 @@
 
 namespace afdkit::mfa::sm90 {
 
-// (max, sum) of consumer c's rows, parked at the front of its V operand tile
-// during the epilogue: its last PV has completed, and it converts V again only
-// after the barrier at the top of the next segment, when both have read it.
+// Where a segment's rows go and the factor that finishes them, loaded at the
+// segment's start (see consumer_role): slot < 0 = the sequence is unsplit (bf16 out
+// and lse), else its partial slot (batch_meta: splits, first slot).
+struct SegmentOut {
+  int64_t slot;
+  float final_mult;  // per-tensor V scale, or undoes the per-token P shift
+};
+__device__ __forceinline__ SegmentOut load_segment_out(const DecodeParams& p, const PlanBuffers& pb, int b, int split) {
+  const int splits = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts);
+  const int first_slot = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts + 1);
+  SegmentOut so;
+  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + split : -1;
+  so.final_mult = p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.v_scale)
+                  : p.scale_mode == ScaleMode::kPerToken ? 1.f / cfg::kPerTokenVShift
+                                                         : 1.f;
+  return so;
+}
+
+// (max, sum) of consumer c's rows for the epilogue's merge.
 template <KvDtype kKv>
 __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
-  return reinterpret_cast<float2*>(s.v_op[c]);
+  return s.row_ml[c];
 }
 
 // Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
@@ -34,7 +56,7 @@ __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
 // own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
 template <KvDtype kKv>
 __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const RowState& rs, float (&o)[2][64], int c, int h, int rb) {
+                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
@@ -47,9 +69,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
     if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  float final_mult = 1.f;
-  if (p.scale_mode == ScaleMode::kPerTensor) final_mult = *p.v_scale;
-  if (p.scale_mode == ScaleMode::kPerToken) final_mult = 1.f / cfg::kPerTokenVShift;
+  const float final_mult = so.final_mult;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
@@ -79,8 +99,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
     for (int k = 0; k < 64; ++k) o[0][k] = o[1][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
   }
   const float (&mine)[64] = o[0];  // this consumer's merged dims
-  const int splits = pb.batch_meta[seg.b * cfg::kBatchMetaInts];
-  const int64_t slot = splits > 1 ? pb.batch_meta[seg.b * cfg::kBatchMetaInts + 1] + seg.split : -1;
+  const int64_t slot = so.slot;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int rg = rb * cfg::kRowsPerCta + (t / 32) * 16 + lane / 4 + 8 * i;
@@ -127,23 +146,23 @@ __device__ __forceinline__ void convert_own_v(Smem<kKv>& s, int c, uint32_t j, i
   MFA_PROF_LAP(pc, prof::kConvV, mark);
 }
 
-// One tile of this consumer (part-global tile j, j % 2 == c; parity = (j / 2) & 1):
-// convert its V; S (per-token K scales applied), release K; softmax and O
-// rescale; P fragments, PV. The loader converts K(j + 1) for the other consumer
-// during this softmax.
+// One tile of this consumer (part-global tile j, j % 2 == c): convert its V; S on
+// the K stage in place (per-token K scales applied), release the K stage; softmax
+// and O rescale; P fragments, PV.
 template <KvDtype kKv>
 __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, const Segment& seg,
                                              int c, int tile, uint32_t j, float (&o)[2][64]
                                                  MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark)) {
-  const uint32_t parity = (j >> 1) & 1;
+  using Ring = typename Traits<kKv>::Ring;
+  const int ks = j % Ring::kKStages;
   convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
   float acc[32];
-  ptx::mbar_wait(&s.k_full[c], parity);
+  ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
-  mma_qk(s, acc);
-  if (p.scale_mode == ScaleMode::kPerToken) scale_k_columns(s, acc);
+  mma_qk(s, ks, acc);
+  if (per_token_scales<kKv>(p)) scale_k_columns(s, ks, acc);
   __syncwarp();
-  if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.k_empty);
+  if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.raw_k_empty[ks]);
   MFA_PROF_LAP(pc, prof::kQk, mark);
   float alpha[2];
   softmax_tile(p, s, rs, tile, acc, alpha);
@@ -151,7 +170,7 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   rescale_o(o, alpha);
   MFA_PROF_LAP(pc, prof::kRescale, mark);
   uint32_t pf[4][4];
-  make_p_frags(p, s, c, parity, acc, pf);
+  make_p_frags(p, s, j % Ring::kVScaleSlots, acc, pf);
   mma_pv(s, c, pf, o);
   MFA_PROF_LAP(pc, prof::kPv, mark);
 }
@@ -164,22 +183,33 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   Walker w;
   w.init(meta);
-  Segment seg, next_seg;
   uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
-  // Q of segment i + 1 is prefetched into L2 when segment i starts, so that its
-  // loads (eight independent 16-byte loads per thread, issued together) hit L2.
-  bool have = w.next(p, seg);
-  while (have) {
+  // Every global value a segment needs is loaded at its start, together: Q (this
+  // thread's eight 16-byte pieces), the split slot, the scales, this sequence's length
+  // (first segment only) and the next one's. Loaded where first used, each would be
+  // one more round trip behind every copy in flight (several microseconds under load).
+  // Q of segment i + 1 is prefetched into L2 when segment i starts.
+  int next_len = 0;
+  for (bool first = true; !w.done(); first = false) {
     MFA_PROF(mark = prof::clk(); ++pc[prof::kSegments];)
+    const int b = w.b;
     QRegs qr;
-    if (seg.lo < seg.hi) fetch_q<kKv>(p, seg.b, h, rb, qr);
+    fetch_q<kKv>(p, b, h, rb, qr);
+    const int len = first ? max(__ldg(p.seq_lens + b), 0) : next_len;
+    next_len = b < w.b1 ? max(__ldg(p.seq_lens + b + 1), 0) : 0;
+    const SegmentOut so = load_segment_out(p, pb, b, b == w.b0 ? w.s0 : 0);
+    const float q_mult = p.softmax_scale * cfg::kLog2e * (p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.k_scale) : 1.f);
+    if (first) {  // the loader starts the copies once every consumer warp issued its Q loads
+      __syncwarp();
+      if (t % 32 == 0) ptx::mbar_arrive(&s.q_issued);
+    }
+    const Segment seg = w.take(len);
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
-    if (seg.lo < seg.hi) store_q(p, s, rb, qr);
+    store_q(p, s, rb, qr, q_mult);
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-    const bool have_next = w.next(p, next_seg);
-    if (have_next && next_seg.lo < next_seg.hi) prefetch_q(p, next_seg.b, h, rb);
+    if (!w.done()) prefetch_q(p, w.b, h, rb);
     RowState rs;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -199,10 +229,8 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
       MFA_PROF(++pc[prof::kTiles];)
     }
     MFA_PROF(mark = prof::clk();)
-    epilogue<kKv>(p, pb, s, seg, rs, o, c, h, rb);
+    epilogue<kKv>(p, pb, s, seg, so, rs, o, c, h, rb);
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
-    seg = next_seg;
-    have = have_next;
   }
 #ifdef AFDKIT_MFA_PROFILE
   if (t == 0 && prof_rec) {
@@ -214,8 +242,8 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
 
 template <KvDtype kKv>
 __global__ void __launch_bounds__(cfg::kThreads, 1)
-    decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ PlanBuffers pb
-                           MFA_PROF(, const __grid_constant__ prof::Args pa)) {
+    decode_sm90_kernel(const __grid_constant__ DecodeParams p, const __grid_constant__ PlanBuffers pb,
+                       const __grid_constant__ CUtensorMap k_map MFA_PROF(, const __grid_constant__ prof::Args pa)) {
   extern __shared__ uint8_t smem_raw[];
   // Offset the array itself (not an integer address) so the compiler keeps the
   // shared address space and emits LDS/STS instead of generic loads/stores.
@@ -231,26 +259,62 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
   if (threadIdx.x == 0 && prof_rec) prof_rec[prof::kT0] = prof::gtime();
 #endif
   if (threadIdx.x == 0) {
+    // raw_k_full: thread 0's expect_tx, plus one arrival per loader thread when it
+    // publishes per-token scales with the stage.
+    const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kWarpgroup : 0);
     for (int st = 0; st < Ring::kKStages; ++st) {
-      ptx::mbar_init(&s.raw_k_full[st], 1);
-      ptx::mbar_init(&s.raw_k_empty[st], cfg::kWarpgroup);  // the loader's threads
+      ptx::mbar_init(&s.raw_k_full[st], k_full_count);
+      ptx::mbar_init(&s.raw_k_empty[st], cfg::kWarpgroup / 32);  // the 4 warps of the tile's consumer
     }
     for (int st = 0; st < Ring::kVStages; ++st) {
       ptx::mbar_init(&s.raw_v_full[st], 1);
-      ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the threads of the tile's consumer
+      ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the 128 threads that convert V
     }
-    ptx::mbar_init(&s.k_empty, 4);  // the 4 warps of the consumer that used the K tile
-    for (int c = 0; c < cfg::kNumConsumerWg; ++c) ptx::mbar_init(&s.k_full[c], cfg::kWarpgroup);
+    ptx::mbar_init(&s.q_issued, cfg::kNumConsumerWg * cfg::kWarpgroup / 32);  // every consumer warp
     ptx::fence_mbar_init();
   }
   __syncthreads();
   if (threadIdx.x < cfg::kWarpgroup) {
     ptx::setmaxnreg_dec<cfg::kLoaderRegs>();
-    loader_role<kKv>(p, s, meta, h MFA_PROF(, prof_rec));
+    loader_role<kKv>(p, s, meta, h, &k_map MFA_PROF(, prof_rec));
   } else {
     ptx::setmaxnreg_inc<cfg::kConsumerRegs>();
     consumer_role<kKv>(p, pb, s, meta, h, rb MFA_PROF(, prof_rec));
   }
+}
+
+// Host side: the K cache as a 4-D tensor map {dims, kv head, token in page, page}
+// (innermost first) whose box is one 128-byte column block of one page of one
+// head, written with the 128B swizzle the QK^T descriptors expect. Encoding is a
+// host-only computation (no driver call that touches the device), so it runs per
+// launch and is captured by value in CUDA graphs.
+template <KvDtype kKv>
+CUtensorMap make_k_tensor_map(const DecodeParams& p) {
+  using Tr = Traits<kKv>;
+  static PFN_cuTensorMapEncodeTiled_v12000 encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    AFDKIT_CUDA_CHECK(cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &q));
+    AFDKIT_CHECK(fn && q == cudaDriverEntryPointSuccess, "mfa.decode: the driver has no cuTensorMapEncodeTiled");
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(cfg::kHeadDim), static_cast<cuuint64_t>(p.num_kv_heads),
+                              static_cast<cuuint64_t>(p.page_size),
+                              static_cast<cuuint64_t>(std::max(p.num_pages, 1))};  // 0 pages: nothing is read
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(p.kv_stride_head) * Tr::kKvBytes,
+                                 static_cast<cuuint64_t>(p.kv_stride_token) * Tr::kKvBytes,
+                                 static_cast<cuuint64_t>(p.kv_stride_page) * Tr::kKvBytes};
+  const cuuint32_t box[4] = {static_cast<cuuint32_t>(cfg::kSwizzleBytes / Tr::kKvBytes), 1,
+                             static_cast<cuuint32_t>(p.page_size), 1};
+  const cuuint32_t elem_strides[4] = {1, 1, 1, 1};
+  CUtensorMap map;
+  const CUresult r = encode(&map, Tr::kFp8 ? CU_TENSOR_MAP_DATA_TYPE_UINT8 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 4,
+                            const_cast<void*>(p.k_cache), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                            CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  AFDKIT_CHECK(r == CUDA_SUCCESS, "mfa.decode: cannot describe the K cache to the copy engine (cuTensorMapEncodeTiled error ",
+               static_cast<int>(r), "); the cache must be 16-byte aligned with 16-byte multiple strides");
+  return map;
 }
 
 // Host side: one instantiation per KV dtype (instantiations/*.cu).
@@ -267,7 +331,8 @@ void launch_decode_sm90(const DecodeParams& p, const PlanBuffers& pb, cudaStream
   const int nrb = cdiv(p.q_len * (p.num_q_heads / p.num_kv_heads), cfg::kRowsPerCta);
   const dim3 grid(pb.num_sm_parts, p.num_kv_heads * nrb);
   AFDKIT_CHECK(grid.y <= 65535, "mfa.decode: num_kv_heads x row blocks too large (", grid.y, ")");
-  decode_sm90_kernel<kKv><<<grid, cfg::kThreads, kSmem, stream>>>(p, pb MFA_PROF(, prof::Args{prof::buffer()}));
+  const CUtensorMap k_map = make_k_tensor_map<kKv>(p);
+  decode_sm90_kernel<kKv><<<grid, cfg::kThreads, kSmem, stream>>>(p, pb, k_map MFA_PROF(, prof::Args{prof::buffer()}));
   AFDKIT_CHECK_LAUNCH();
 }
 

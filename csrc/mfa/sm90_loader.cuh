@@ -1,8 +1,8 @@
-// Warpgroup 0 of the sm90 decode kernel: thread 0 issues the bulk copies of K/V
-// half-tiles (pages picked from the block table) into the K and V raw rings; all
-// 128 threads convert each K half-tile into the swizzled fp16/bf16 operand tile
-// the consumers' wgmma reads, then publish it with fence.proxy.async + mbarrier.
-// The consumers convert their own V tiles with the same convert functions.
+// Warpgroup 0 of the sm90 decode kernel: warp 0 walks the part's tiles and page ids
+// and its lane 0 issues the copies of every tile (K through the tensor map, landing
+// in the swizzled operand layout; V as bulk copies of the cache's rows) into the K
+// and V raw rings; with per-token scales all 128 threads also store the tile's
+// scales beside the K stage. The consumers convert V with the convert functions below.
 #pragma once
 #include "common/ptx.cuh"
 #include "mfa/sm90_profile.cuh"
@@ -10,18 +10,70 @@
 
 namespace afdkit::mfa::sm90 {
 
-// Page ids of the tile at `c` (at most 4: pages of 16, 32 or 64 tokens), read from
-// the block table one half-tile before issue_half needs them, so the copy issue
-// does not wait on a dependent global load.
-constexpr int kMaxPagesPerTile = cfg::kTileN / 16;
-__device__ __forceinline__ void load_pages(const DecodeParams& p, const HalfCursor& c,
-                                           int (&pages)[kMaxPagesPerTile]) {
-  const int n_valid = c.n_valid();
-  const int32_t* table = p.block_table + c.seg.b * p.block_table_stride + c.tile * (cfg::kTileN / p.page_size);
+constexpr int kMaxPagesPerTile = cfg::kTileN / 16;  // pages of 16, 32 or 64 tokens
+
+// Block-table entries of the part, 32 at a time across warp 0 of the loader (lane i:
+// entry base + i of sequence b), with the following window loaded one window ahead:
+// a copy never waits for a block-table load (one dependent load per tile was a
+// round trip behind all copies in flight, and the first tiles of a part were issued
+// one round trip apart). Windows follow the part's pages in issue order: the rest of
+// the current sequence's tiles, then the next non-empty segment. All 32 lanes call
+// page() together, in the order the tiles are issued.
+struct PageWindows {
+  struct Window {
+    int b, base, ids;  // ids: this lane's entry; b < 0: none
+  };
+  Window cur, nxt;
+  int ppt;  // pages per tile
+
+  __device__ static int load_entry(const DecodeParams& p, int b, int base) {
+    const int i = base + static_cast<int>(threadIdx.x % 32);
+    return b >= 0 && i < p.max_pages_per_seq ? __ldg(p.block_table + b * p.block_table_stride + i) : 0;
+  }
+  // Last page + 1 of sequence b's segment in this part.
+  __device__ int seg_end(const DecodeParams& p, const Walker& w, const LaneSeqLens& lens, int b) const {
+    const int hi = b == w.b1 ? w.t1 : cdiv(lens.get(p, b), cfg::kTileN);
+    return hi * ppt;
+  }
+  __device__ Window successor(const DecodeParams& p, const Walker& w, const LaneSeqLens& lens,
+                              const Window& x) const {
+    Window n{-1, 0, 0};
+    if (x.b < 0) return n;
+    if (x.base + 32 < seg_end(p, w, lens, x.b)) {
+      n.b = x.b, n.base = x.base + 32;
+    } else {
+      for (int b = x.b + 1; b <= w.b1; ++b)  // the next segment with tiles (b > b0 starts at page 0)
+        if (seg_end(p, w, lens, b) > 0) {
+          n.b = b;
+          break;
+        }
+    }
+    n.ids = load_entry(p, n.b, n.base);
+    return n;
+  }
+  // The first window starts at the part's first page, (b0, t0): issued before the
+  // sequence lengths arrive, so the two loads overlap.
+  __device__ void start(const DecodeParams& p, const Walker& w) {
+    ppt = cfg::kTileN / p.page_size;
+    cur = Window{w.b0, w.t0 * ppt, 0};
+    cur.ids = load_entry(p, cur.b, cur.base);
+    nxt.b = -2;  // computed once the lengths are known (first page())
+  }
+  __device__ int page(const DecodeParams& p, const Walker& w, const LaneSeqLens& lens, int b, int i) {
+    if (nxt.b == -2) nxt = successor(p, w, lens, cur);
+    while (!(b == cur.b && i >= cur.base && i < cur.base + 32) && cur.b >= 0) {
+      cur = nxt;
+      nxt = successor(p, w, lens, cur);
+    }
+    return __shfl_sync(0xffffffffu, cur.ids, (i - cur.base) & 31);
+  }
+  __device__ void pages(const DecodeParams& p, const Walker& w, const LaneSeqLens& lens, const HalfCursor& c,
+                        int (&out)[kMaxPagesPerTile]) {
+    const int n = cdiv(c.n_valid(), p.page_size);
 #pragma unroll
-  for (int k = 0; k < kMaxPagesPerTile; ++k)
-    pages[k] = k * p.page_size < min(n_valid, cfg::kTileN) ? __ldg(table + k) : 0;
-}
+    for (int k = 0; k < kMaxPagesPerTile; ++k) out[k] = k < n ? page(p, w, lens, c.seg.b, c.tile * ppt + k) : 0;
+  }
+};
 
 // Thread 0: bulk copies of the valid rows of one half-tile into raw stage `stage`.
 // A page is one copy when its rows of this head are contiguous (one KV head),
@@ -118,94 +170,103 @@ __device__ __forceinline__ float load_token_scale(const DecodeParams& p, const H
   return scales[scale_index(page, tok % p.page_size, h, p.page_size, p.num_kv_heads)];
 }
 
-// Both halves of one tile, in the order K then V, into the stages of part-global
-// tile `t` of the two rings. A stage used before is refilled only once its last
-// reader released it: the loader's 128 threads for K, the tile's consumer for V.
+// Thread 0: the K half-tile at `c` as tensor-map boxes (one per page and 128-byte
+// column block), straight into the operand layout of raw stage `dst`. Whole pages
+// are copied; rows past the sequence end are masked by the softmax (select, so
+// stale or NaN bytes there never reach O).
 template <KvDtype kKv>
-__device__ void issue_tile(const DecodeParams& p, Smem<kKv>& s, HalfCursor& c, int h, uint32_t t,
-                           int (&pages)[kMaxPagesPerTile]) {
-  using Ring = typename Traits<kKv>::Ring;
-  const int ks = t % Ring::kKStages, vs = t % Ring::kVStages;
-  if (t >= Ring::kKStages) ptx::mbar_wait(&s.raw_k_empty[ks], ((t / Ring::kKStages) & 1) ^ 1);
-  MFA_PROF(s.prof_issue[ks] = prof::clk();)
-  issue_half<kKv>(p, c, h, s.raw_k[ks], &s.raw_k_full[ks], pages);
-  c.next(p);
-  if (t >= Ring::kVStages) ptx::mbar_wait(&s.raw_v_empty[vs], ((t / Ring::kVStages) & 1) ^ 1);
-  issue_half<kKv>(p, c, h, s.raw_v[vs], &s.raw_v_full[vs], pages);
-  c.next(p);
-  if (c.valid) load_pages(p, c, pages);  // the next tile's pages, used one step later
+__device__ void issue_k_tma(const DecodeParams& p, const HalfCursor& c, int h, uint8_t* dst, uint64_t* bar,
+                            const int (&pages)[kMaxPagesPerTile], const void* k_map) {
+  using Tr = Traits<kKv>;
+  constexpr int kBlocks = Tr::kRawRowBytes / cfg::kSwizzleBytes;     // 2 fp8, 4 bf16
+  constexpr int kBlockElems = cfg::kSwizzleBytes / Tr::kKvBytes;      // 128 fp8, 64 bf16
+  const int n_pages = cdiv(c.n_valid(), p.page_size);
+  ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_pages * p.page_size * Tr::kRawRowBytes));
+#pragma unroll
+  for (int k = 0; k < kMaxPagesPerTile; ++k) {
+    if (k >= n_pages) break;
+#pragma unroll
+    for (int cb = 0; cb < kBlocks; ++cb)
+      ptx::tma_load_4d(dst + cb * cfg::kColBlockBytes + k * p.page_size * cfg::kSwizzleBytes, k_map,
+                       cb * kBlockElems, h, 0, pages[k], bar);
+  }
 }
 
-// Converts one raw half-tile (K or V, fp8 or bf16) into a swizzled operand tile.
+// Converts one raw V half-tile (fp8 or bf16) into a swizzled operand tile.
 template <KvDtype kKv, int kConvBatch>
 __device__ __forceinline__ void convert_half(const uint8_t* raw, uint8_t* op, int n_valid) {
   if constexpr (Traits<kKv>::kFp8) convert_half_fp8<kConvBatch>(raw, op, n_valid);
   else convert_half_bf16(raw, op, n_valid);
 }
 
-// Warpgroup 0: converts the K half of every tile of the part into k_op and stores
-// the tile's per-token scales (K in k_scale, V in v_scale of the tile's consumer);
-// thread 0 also issues every copy, kAhead tiles ahead of the conversion.
+// Warpgroup 0. Tile t of the part: K into raw_k[t % kKStages] once the consumer of
+// tile t - kKStages released it (after its QK^T), V into raw_v[t % kVStages] once
+// its consumer converted V(t - kVStages). With per-token scales every thread waits
+// for the K stage, stores one scale of the tile (K: threads 0..63, V: 64..127) and
+// arrives on raw_k_full, so the consumer sees the scales with the K tile.
 template <KvDtype kKv>
-__device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h
+__device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta, int h, const void* k_map
                                 MFA_PROF(, unsigned long long* prof_rec)) {
   using Ring = typename Traits<kKv>::Ring;
   const int tid = threadIdx.x;
-  const bool per_token = p.scale_mode == ScaleMode::kPerToken;
-  HalfCursor conv, issue;
-  conv.init(meta, p);
-  int pages[kMaxPagesPerTile];  // thread 0: pages of the issue cursor's tile
-  uint32_t issued = 0;          // thread 0: tiles issued so far
-  if (tid == 0) {
-    issue = conv;
-    if (issue.valid) load_pages(p, issue, pages);
-    for (; issue.valid && issued < static_cast<uint32_t>(Ring::kAhead); ++issued)
-      issue_tile(p, s, issue, h, issued, pages);
+  const bool per_token = per_token_scales<kKv>(p);
+  const bool issuer = tid < 32;  // warp 0 walks the pages; its lane 0 issues the copies
+  if (!per_token && !issuer) return;
+  Walker w0;
+  w0.init(meta);
+  PageWindows pw;
+  if (issuer) {
+    ptx::prefetch_tensormap(k_map);
+    pw.start(p, w0);
   }
-  // Per-token scales run one tile ahead: loaded at tile j - 1, stored at tile j.
-  float scale_next = per_token ? load_token_scale(p, conv, h) : 0.f;
-  float scale_cur = 0.f;
-  uint32_t tile_idx = 0;
+  LaneSeqLens lens;
+  HalfCursor cur;
+  cur.init(meta, p, lens);
+  float scale_next = per_token ? load_token_scale(p, cur, h) : 0.f;
+  // Q first: the first segment's Q loads go out before this part's copies, or they
+  // wait behind every copy in flight (the consumers arrive once they issued them).
+  if (issuer && cur.valid) ptx::mbar_wait(&s.q_issued, 0);
+  uint32_t t = 0;
   MFA_PROF(uint32_t pa[5] = {}; uint32_t mark = prof::clk();)
-  while (conv.valid) {
-    const int ks = tile_idx % Ring::kKStages;
-    const int c = tile_idx & 1;  // consumer of this tile
+  while (cur.valid) {
+    const int ks = t % Ring::kKStages, vs = t % Ring::kVStages;
+    if (t >= Ring::kKStages) ptx::mbar_wait(&s.raw_k_empty[ks], ((t / Ring::kKStages) & 1) ^ 1);
+    MFA_PROF_LAP(pa, prof::kLdWaitKFree - prof::kLdWaitKFree, mark);
     if (per_token) {
-      HalfCursor ahead = conv;
-      ahead.next(p);
-      ahead.next(p);
-      scale_cur = scale_next;
+      HalfCursor ahead = cur;
+      ahead.next(p, lens);
+      ahead.next(p, lens);
+      const float scale = scale_next;
       scale_next = load_token_scale(p, ahead, h);
+      if (tid < cfg::kTileN) s.k_scale[ks][tid] = scale;
+      else s.v_scale[t % Ring::kVScaleSlots][tid - cfg::kTileN] = scale;
+      ptx::mbar_arrive(&s.raw_k_full[ks]);
     }
-    const int n_valid = conv.n_valid();
-    ptx::mbar_wait(&s.raw_k_full[ks], (tile_idx / Ring::kKStages) & 1);
-    MFA_PROF(pa[4] += prof::clk() - s.prof_issue[ks];)
-    MFA_PROF_LAP(pa, 0, mark);
-    ptx::mbar_wait(&s.k_empty, (tile_idx & 1) ^ 1);
-    MFA_PROF_LAP(pa, 1, mark);
-    convert_half<kKv, 1>(s.raw_k[ks], s.k_op, n_valid);
-    if (per_token) {
-      // v_scale[c][(j / 2) % 2] was last read at tile j - 4, which consumer c finished
-      // before its QK^T of tile j - 2, which step j - 1 of this loop waited for.
-      if (tid < cfg::kTileN) s.k_scale[tid] = scale_cur;
-      else s.v_scale[c][(tile_idx >> 1) & 1][tid - cfg::kTileN] = scale_cur;
+    MFA_PROF_LAP(pa, prof::kLdScales - prof::kLdWaitKFree, mark);
+    if (issuer) {
+      int pages[kMaxPagesPerTile];
+      pw.pages(p, cur.w, lens, cur, pages);
+      MFA_PROF(s.prof_issue[ks] = prof::clk();)
+      if (tid == 0) issue_k_tma<kKv>(p, cur, h, s.raw_k[ks], &s.raw_k_full[ks], pages, k_map);
+      cur.next(p, lens);
+      MFA_PROF_LAP(pa, prof::kLdIssue - prof::kLdWaitKFree, mark);
+      if (t >= Ring::kVStages) ptx::mbar_wait(&s.raw_v_empty[vs], ((t / Ring::kVStages) & 1) ^ 1);
+      MFA_PROF_LAP(pa, prof::kLdWaitVFree - prof::kLdWaitKFree, mark);
+      if (tid == 0) issue_half<kKv>(p, cur, h, s.raw_v[vs], &s.raw_v_full[vs], pages);
+      cur.next(p, lens);
+      MFA_PROF_LAP(pa, prof::kLdIssue - prof::kLdWaitKFree, mark);
+    } else {
+      cur.next(p, lens);
+      cur.next(p, lens);
     }
-    ptx::fence_proxy_async_smem();  // generic writes -> wgmma (async proxy) reads
-    ptx::mbar_arrive(&s.k_full[c]);
-    MFA_PROF_LAP(pa, 2, mark);
-    ptx::mbar_arrive(&s.raw_k_empty[ks]);  // this thread is done reading raw_k[ks]
-    if (tid == 0 && issue.valid) issue_tile(p, s, issue, h, issued++, pages);
-    MFA_PROF_LAP(pa, 3, mark);
-    ++tile_idx;
-    conv.next(p);
-    conv.next(p);
+    ++t;
   }
 #ifdef AFDKIT_MFA_PROFILE
   if (tid == 0 && prof_rec) {
     prof_rec[prof::kT1Loader] = prof::gtime();
     prof_rec[prof::kSmid] = prof::smid();
-    prof_rec[prof::kHalves] = tile_idx;
-    for (int i = 0; i < 5; ++i) prof_rec[prof::kLdWaitRaw + i] = pa[i];
+    prof_rec[prof::kHalves] = t;
+    for (int i = 0; i < 5; ++i) prof_rec[prof::kLdWaitKFree + i] = pa[i];
   }
 #endif
 }

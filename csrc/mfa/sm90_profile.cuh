@@ -17,11 +17,11 @@ enum Slot : int {
   kT1Cons1,        // ... consumer 1 ends
   kSmid,
   kHalves,         // K half-tiles converted by the loader (= tiles)
-  kLdWaitRaw,      // loader: wait raw_k_full[stage] (copy not yet landed)
-  kLdWaitOpEmpty,  // loader: wait k_empty (a consumer still on the K operand tile)
-  kLdConvert,      // loader: K fp8 -> fp16 convert + scale stores + fence + arrive full
-  kLdBarIssue,     // loader: raw_k_empty arrive + (thread 0) waits for refilled stages + copy issue
-  kLdCopyLat,      // loader: issue of a stage -> its raw_full wait returned (copy latency bound)
+  kLdWaitKFree,    // loader: wait raw_k_empty[stage] (the K stage's last tile not yet past QK^T)
+  kLdScales,       // loader: per-token scale loads and stores + arrive
+  kLdIssue,        // loader: copy issue (K boxes, V rows, next page ids)
+  kLdWaitVFree,    // loader: wait raw_v_empty[stage] (V not yet converted by its consumer)
+  kLdSpare,        // unused
   kCons = 11,      // consumer c: slots kCons + c * kConsSlots + ConsSlot
   kConsSlots = 11,
   kRecordSlots = kCons + 2 * kConsSlots,  // 33

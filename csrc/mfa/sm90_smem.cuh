@@ -26,25 +26,34 @@ struct Traits {
   static constexpr int kRawRowBytes = cfg::kHeadDim * kKvBytes;
 };
 
-// Tile j of a part goes to consumer j % 2. K has one operand buffer (QK^T is
-// short, so the loader rarely waits for it); V has one per consumer, converted by
-// that consumer from the V ring at the start of its tile.
+// Per-token scales exist only for fp8 caches; the bf16 instance compiles them out.
+template <KvDtype kKv>
+__device__ __forceinline__ bool per_token_scales(const DecodeParams& p) {
+  return Traits<kKv>::kFp8 && p.scale_mode == ScaleMode::kPerToken;
+}
+
+// Tile j of a part goes to consumer j % 2. K stages are QK^T operands as they land
+// (TMA, 128B swizzle); V has one operand buffer per consumer, converted by that
+// consumer from the V ring at the start of its tile.
 template <KvDtype kKv>
 struct alignas(1024) Smem {
   using Ring = typename Traits<kKv>::Ring;
-  uint8_t q[cfg::kOpTileBytes];    // Q * 2^e (per-row power of two), operand type; the
+  uint8_t q[cfg::kOpTileBytes];    // Q * 2^e (per-row power of two): fp8 = e4m3 high term
+                                   // (first 16 KB) + low term; bf16 = one bf16 tile. The
                                    // epilogue reuses it to merge the consumers' O halves
-  uint8_t k_op[cfg::kOpTileBytes]; // converted K tile (k_full[j % 2] / k_empty)
-  uint8_t v_op[cfg::kVopBuffers][cfg::kOpTileBytes];  // converted V tile of consumer c;
-                                   // its epilogue parks (max, sum) per row at the front
-  uint8_t raw_k[Ring::kKStages][Ring::kHalfTileBytes];  // bulk-copy ring of K half-tiles
-  uint8_t raw_v[Ring::kVStages][Ring::kHalfTileBytes];  // ... of V half-tiles
-  float k_scale[cfg::kTileN];      // per-token scales of the tile in k_op
-  float v_scale[cfg::kVopBuffers][2][cfg::kTileN];  // ... of consumer c's tiles, by (j / 2) % 2
+  uint8_t v_op[cfg::kVopBuffers][cfg::kOpTileBytes];  // converted V tile of consumer c
+  uint8_t raw_k[Ring::kKStages][Ring::kHalfTileBytes];  // K half-tiles, swizzled operand layout
+  uint8_t raw_v[Ring::kVStages][Ring::kHalfTileBytes];  // V half-tiles, row-major as in the cache
+  // Per-token scales (fp8 caches only; a bf16 cache has none, and its layout has no
+  // room for them): K of the tile in raw_k[stage]; V in slot tile % kVScaleSlots.
+  static constexpr int kScaleCols = Traits<kKv>::kFp8 ? cfg::kTileN : 1;
+  float k_scale[Ring::kKStages][kScaleCols];
+  float v_scale[Ring::kVScaleSlots][kScaleCols];
   float row_mult[cfg::kRowsPerCta];  // S accumulator -> log2-domain logit, per row
-  uint64_t raw_k_full[Ring::kKStages], raw_k_empty[Ring::kKStages];  // copy -> loader -> issue
-  uint64_t raw_v_full[Ring::kVStages], raw_v_empty[Ring::kVStages];  // copy -> consumer -> issue
-  uint64_t k_full[cfg::kNumConsumerWg], k_empty;
+  float2 row_ml[cfg::kNumConsumerWg][cfg::kRowsPerCta];  // epilogue: (max, sum) per row of consumer c
+  uint64_t raw_k_full[Ring::kKStages], raw_k_empty[Ring::kKStages];  // copy (+ scales) -> consumer -> issue
+  uint64_t raw_v_full[Ring::kVStages], raw_v_empty[Ring::kVStages];  // copy -> V converter -> issue
+  uint64_t q_issued;  // the consumers' 8 warps issued their first Q loads: the copies may start
 #ifdef AFDKIT_MFA_PROFILE
   uint32_t prof_issue[Ring::kKStages];  // %clock when each K stage's copy was issued
 #endif
@@ -76,15 +85,37 @@ struct Walker {
     b0 = meta[0], t0 = meta[1], s0 = meta[2], b1 = meta[3], t1 = meta[4];
     b = b0;
   }
-  __device__ bool next(const DecodeParams& p, Segment& s) {
-    if (b > b1) return false;
+  __device__ bool done() const { return b > b1; }
+  // The segment of sequence b (seq_len = its clamped length), then moves to b + 1.
+  __device__ Segment take(int seq_len) {
+    Segment s;
     s.b = b;
-    s.seq_len = max(p.seq_lens[b], 0);
+    s.seq_len = seq_len;
     s.lo = b == b0 ? t0 : 0;
-    s.hi = b == b1 ? t1 : cdiv(s.seq_len, cfg::kTileN);
+    s.hi = b == b1 ? t1 : cdiv(seq_len, cfg::kTileN);
     s.split = b == b0 ? s0 : 0;
     ++b;
-    return true;
+    return s;
+  }
+};
+
+// The lengths of a part's sequences b0 .. b1 held across a warp (lane i: b0 + i),
+// loaded with one coalesced load at the start: the loader then walks its segments
+// without a dependent global load each (one is a round trip behind the whole
+// chip's copies in flight, several microseconds under load). Sequences past b0 + 31
+// (more than 32 segments in one part) are loaded when reached. All 32 lanes of the
+// warp must call get() together.
+struct LaneSeqLens {
+  int b0, v;
+  __device__ void load(const DecodeParams& p, const Walker& w) {
+    b0 = w.b0;
+    const int b = b0 + static_cast<int>(threadIdx.x % 32);
+    v = b <= w.b1 ? max(__ldg(p.seq_lens + b), 0) : 0;
+  }
+  __device__ int get(const DecodeParams& p, int b) const {
+    const int i = b - b0;
+    const int from_lane = __shfl_sync(0xffffffffu, v, i & 31);
+    return i < 32 ? from_lane : max(__ldg(p.seq_lens + b), 0);
   }
 };
 
@@ -94,27 +125,29 @@ struct HalfCursor {
   Segment seg;
   int tile, half;
   bool valid;
-  __device__ void init(const int32_t* meta, const DecodeParams& p) {
+  __device__ void init(const int32_t* meta, const DecodeParams& p, LaneSeqLens& lens) {
     w.init(meta);
-    next_segment(p);
+    lens.load(p, w);
+    next_segment(p, lens);
   }
-  __device__ void next_segment(const DecodeParams& p) {
+  __device__ void next_segment(const DecodeParams& p, const LaneSeqLens& lens) {
     valid = false;
-    while (w.next(p, seg)) {
+    while (!w.done()) {
+      seg = w.take(lens.get(p, w.b));
       if (seg.lo < seg.hi) {
         tile = seg.lo, half = 0, valid = true;
         return;
       }
     }
   }
-  __device__ void next(const DecodeParams& p) {
+  __device__ void next(const DecodeParams& p, const LaneSeqLens& lens) {
     if (half == 0) {
       half = 1;
       return;
     }
     half = 0;
     if (++tile < seg.hi) return;
-    next_segment(p);
+    next_segment(p, lens);
   }
   __device__ int n_valid() const { return min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN); }
 };

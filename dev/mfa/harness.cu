@@ -8,6 +8,8 @@
 //                                   # pipeline bug shows as a hang)
 //   build/mfa_harness --small    # two tiny cases (for compute-sanitizer)
 //   build/mfa_harness --no-time  # correctness only
+//   build/mfa_harness --breakdown  # timing also splits each case into kernel / combine
+//   build/mfa_harness --sweep      # batch 1 and 8 over 4K..64K: per-call fixed cost vs tiles per part
 //   build/mfa_harness --profile  # phase table of the sm90 kernel (64 x 4K, 1 x 32K); needs
 //                                # every .cu built with -DAFDKIT_MFA_PROFILE
 //
@@ -32,6 +34,16 @@
 #include "mfa/sm90_profile.cuh"
 
 using namespace afdkit::mfa;
+
+namespace afdkit::mfa {
+namespace sm90 {
+template <KvDtype kKv>
+void launch_decode_sm90(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream);
+}
+namespace detail {
+void launch_combine(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream);
+}
+}  // namespace afdkit::mfa
 
 #define CK(x)                                                                                  \
   do {                                                                                         \
@@ -403,17 +415,16 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
       if (worst < 0 || d > (std::max({rec(worst, prof::kT1Loader), rec(worst, prof::kT1Cons0), rec(worst, prof::kT1Cons1)}) - rec(worst, prof::kT0)) * 1e-3) worst = i;
     }
     halves += rec(i, prof::kHalves);
-    for (int k = 0; k < 5; ++k) ld[k] += rec(i, prof::kLdWaitRaw + k);
+    for (int k = 0; k < 5; ++k) ld[k] += rec(i, prof::kLdWaitKFree + k);
     for (int c = 0; c < 2; ++c)
       for (int k = 0; k < prof::kConsSlots; ++k) cs[c][k] += rec(i, prof::kCons + c * prof::kConsSlots + k);
   }
   std::printf("== profile %s: %d CTAs (%d with tiles), tiles/CTA min %.0f max %.0f; CTA us min %.1f mean %.1f max %.1f;"
               " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
               d_max, (t_max - t_min) * 1e-3);
-  const double tiles_all = std::max(1.0, halves);  // the loader converts one K half per tile
-  std::printf("  loader cycles/tile (K only): wait_raw %7.0f  wait_op_empty %7.0f  convert %7.0f  arrive+issue %7.0f"
-              "  | K copy issue->landed %7.0f\n", ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all,
-              ld[3] / tiles_all, ld[4] / tiles_all);
+  const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
+  std::printf("  loader (thread 0) cycles/tile: wait_k_free %7.0f  scales %7.0f  issue %7.0f  wait_v_free %7.0f\n",
+              ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all, ld[3] / tiles_all);
   for (int c = 0; c < 2; ++c) {
     const double nt = std::max(1.0, cs[c][prof::kTiles]), ns = std::max(1.0, cs[c][prof::kSegments]);
     double sum = 0;
@@ -428,13 +439,25 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
     const double nt = std::max(1.0, rec(worst, prof::kCons + prof::kTiles));
     const double t1 = std::max({rec(worst, prof::kT1Loader), rec(worst, prof::kT1Cons0), rec(worst, prof::kT1Cons1)});
     std::printf("  slowest CTA %d (SM %.0f): %.0f tiles, %.1f us, %.0f ns/tile; cons0 wait_k %.0f wait_v %.0f cycles/tile;"
-                " loader wait_raw %.0f wait_op_empty %.0f cycles/tile\n", worst, rec(worst, prof::kSmid), nt,
+                " loader wait_k_free %.0f wait_v_free %.0f cycles/tile\n", worst, rec(worst, prof::kSmid), nt,
                 (t1 - rec(worst, prof::kT0)) * 1e-3, (t1 - rec(worst, prof::kT0)) / nt,
                 rec(worst, prof::kCons + prof::kWaitK) / nt, rec(worst, prof::kCons + prof::kWaitV) / nt,
-                rec(worst, prof::kLdWaitRaw) / nt, rec(worst, prof::kLdWaitOpEmpty) / nt);
+                rec(worst, prof::kLdWaitKFree) / nt, rec(worst, prof::kLdWaitVFree) / nt);
   }
   (void)len;
 }
+
+__global__ void empty_kernel() {}
+
+// Two empty kernels launched as decode + combine are: the floor any two-kernel
+// decode step pays per call.
+static void launch_empty_pair(int blocks, cudaStream_t stream) {
+  empty_kernel<<<blocks, 384, 0, stream>>>();
+  empty_kernel<<<blocks, 256, 0, stream>>>();
+  CK(cudaGetLastError());
+}
+
+static bool g_breakdown = false;  // --breakdown: also time the kernel and the combine apart
 
 // Times decode (plan excluded: once per step) and a D2D copy of the same KV bytes.
 // Sequences rotate over >= 512 MB of cache so that repeated runs stream from HBM.
@@ -522,6 +545,44 @@ static void time_case(int batch, int len, bool check, bool profile = false) {
               double(batch) * ((len + 63) / 64) / sz.num_sm_parts, t_dec * 1e9 / std::max(1, max_tiles));
   if (check) std::printf(" | sm90-vs-simt relL2 %.2e", simt_err);
   std::printf("\n");
+  if (g_breakdown) {
+    // 20 calls captured back-to-back in one CUDA graph, replayed (device time per call,
+    // no host launch cost, as in a captured decode step): the whole op, the sm90 kernel
+    // alone and the combine alone (reading the partials the last decode left).
+    const int n = 20;
+    cudaStream_t st;
+    CK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+    auto per_call_us = [&](auto&& launch) {
+      cudaGraph_t g;
+      cudaGraphExec_t ge;
+      CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
+      for (int it = 0; it < n; ++it) at_rot(it % rot), launch(st);
+      CK(cudaStreamEndCapture(st, &g));
+      CK(cudaGraphInstantiate(&ge, g, 0));
+      CK(cudaGraphLaunch(ge, st));
+      std::vector<float> ts;
+      for (int r = 0; r < 5; ++r) {
+        CK(cudaEventRecord(e0, st));
+        CK(cudaGraphLaunch(ge, st));
+        CK(cudaEventRecord(e1, st));
+        CK(cudaEventSynchronize(e1));
+        float ms;
+        CK(cudaEventElapsedTime(&ms, e0, e1));
+        ts.push_back(ms);
+      }
+      CK(cudaGraphExecDestroy(ge));
+      CK(cudaGraphDestroy(g));
+      return median(ts) * 1e3 / n;
+    };
+    const double full = per_call_us([&](cudaStream_t s) { decode(p, pb, s); });
+    const double kern = per_call_us([&](cudaStream_t s) { sm90::launch_decode_sm90<KvDtype::kFp8E4M3>(p, pb, s); });
+    decode(p, pb, st);
+    const double comb = per_call_us([&](cudaStream_t s) { detail::launch_combine(p, pb, s); });
+    const double floor = per_call_us([&](cudaStream_t s) { launch_empty_pair(sz.num_sm_parts, s); });
+    CK(cudaStreamDestroy(st));
+    std::printf("  back-to-back, us per call: decode %.1f | sm90 kernel alone %.1f | combine alone %.1f | two empty"
+                " kernels %.1f | copy-time of the KV %.1f\n", full, kern, comb, floor, kv_bytes / bw_copy * 1e6);
+  }
   CK(cudaEventDestroy(e0));
   CK(cudaEventDestroy(e1));
   if (profile) {
@@ -533,11 +594,13 @@ static void time_case(int batch, int len, bool check, bool profile = false) {
 }
 
 int main(int argc, char** argv) {
-  bool small = false, timing = true, profile = false;
+  bool small = false, timing = true, profile = false, sweep = false;
   for (int i = 1; i < argc; ++i) {
     if (!std::strcmp(argv[i], "--small")) small = true;
     if (!std::strcmp(argv[i], "--no-time")) timing = false;
     if (!std::strcmp(argv[i], "--profile")) profile = true;
+    if (!std::strcmp(argv[i], "--breakdown")) g_breakdown = true, small = false;
+    if (!std::strcmp(argv[i], "--sweep")) sweep = true, g_breakdown = true;
   }
   std::mt19937 rng(20240607);
   cudaDeviceProp prop;
@@ -550,6 +613,12 @@ int main(int argc, char** argv) {
     std::printf("-- profile: fp8 per-tensor, q_len 1, 64 heads / 1 kv head, page 64 --\n");
     time_case(64, 4096, true, true);
     time_case(1, 32768, true, true);
+    return 0;
+  }
+  if (sweep) {  // fixed cost per call vs tiles per part: small batches over 1..16 tiles per CTA
+    std::printf("-- sweep: fp8 per-tensor, q_len 1, 64 heads / 1 kv head, page 64, back-to-back --\n");
+    for (int b : {1, 8})
+      for (int len : {4096, 8192, 16384, 32768, 65536}) time_case(b, len, false);
     return 0;
   }
   std::vector<Case> cases;

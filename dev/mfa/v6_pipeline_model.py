@@ -4,8 +4,10 @@
 The v6 pipeline (csrc/mfa/sm90_loader.cuh, sm90_kernel.cuh, config.h) run as actors over
 mbarrier-like objects, with random interleavings and random copy latencies:
 
-- loader thread 0, per tile t: waits raw_k_empty[t % KS] (t >= KS); with per-token scales
-  stores its K scale and arrives on raw_k_full; arrive_expect_tx on raw_k_full and the K
+- the loader's issuing warp (lane 0 issues) waits q_issued once (8 arrivals: each
+  consumer warp after issuing its first segment's Q loads) before its first copy; then,
+  per tile t: waits raw_k_empty[t % KS] (t >= KS); with per-token scales stores its K
+  scale and arrives on raw_k_full; arrive_expect_tx on raw_k_full and the K
   copy of tile t; waits raw_v_empty[t % VS] (t >= VS); arrive_expect_tx on raw_v_full and
   the V copy. A copy lands as 1..3 pieces (pages / column blocks) at random times;
 - per-token scales only: the other 127 loader threads, as two actors (threads 1..63
@@ -30,12 +32,13 @@ Configurations: fp8 (KS, VS) = (3, 4), bf16 (2, 2), per-tensor or per-token scal
 bf16 with per-token scales is not instantiated by the kernel (per_token_scales is fp8
 only); it is checked as a stricter ring shape (KS = 2).
 
-    python3 dev/pending/mfa_v6_pipeline_model.py [--runs N] [--seed S] [--config NAME] [--mutate NAME]
+    python3 dev/mfa/v6_pipeline_model.py [--runs N] [--seed S] [--config NAME] [--mutate NAME]
 
 ``--mutate a,b`` breaks the design on purpose (the run must then FAIL):
 few_v_scale_slots (KS V-scale slots instead of KS + 2), no_k_empty_wait (the loader
 threads skip the raw_k_empty wait), early_k_release (a consumer releases the K stage
-before it reads k_scale). no_v_empty_wait alone passes: thread 0 issuing tile t has waited
+before it reads k_scale), no_q_arrive (the consumers never arrive on q_issued: the loader,
+waiting for their first Q loads, deadlocks). no_v_empty_wait alone passes: thread 0 issuing tile t has waited
 raw_k_empty of tile t - 1 - KS, whose QK^T came after the V conversion of every tile up to
 t - 1 - KS >= t - VS of its consumer (VS >= KS + 1 for fp8; for bf16 the wait of tile t
 itself covers tile t - 2); the kernel keeps that wait as a guard.
@@ -53,7 +56,7 @@ from pathlib import Path
 
 def _load_v5_model():
     """The v5 model's barrier and error types (dev/mfa/v5_pipeline_model.py), shared."""
-    path = Path(__file__).resolve().parents[2] / "dev" / "mfa" / "v5_pipeline_model.py"
+    path = Path(__file__).resolve().parent / "v5_pipeline_model.py"
     spec = importlib.util.spec_from_file_location("mfa_v5_pipeline_model_shared", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod  # dataclasses resolve the module by name
@@ -66,7 +69,7 @@ Barrier, ModelError = _v5.Barrier, _v5.ModelError
 
 CONFIGS = {"fp8-tensor": (3, 4, False), "fp8-token": (3, 4, True),
            "bf16-tensor": (2, 2, False), "bf16-token": (2, 2, True)}
-MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait")
+MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait", "no_q_arrive")
 
 
 @dataclass
@@ -104,6 +107,7 @@ def make_state(cfg: Config) -> State:
     for s in range(cfg.v_stages):
         st.bars[("raw_v_full", s)] = Barrier(1, f"raw_v_full[{s}]")
         st.bars[("raw_v_empty", s)] = Barrier(128, f"raw_v_empty[{s}]")  # its 128 threads
+    st.bars[("q_issued", 0)] = Barrier(8, "q_issued")  # one arrival per consumer warp
     return st
 
 
@@ -148,6 +152,8 @@ def issue(st: State, rng: random.Random, ring: str, stage: int, t: int) -> None:
 
 def loader0(st: State, rng: random.Random):
     cfg = st.cfg
+    if st.tiles:  # the first segment's Q loads go out before the copies
+        yield from wait(st, ("q_issued", 0), 0)
     for t in range(st.tiles):
         ks, vs = t % cfg.k_stages, t % cfg.v_stages
         if t >= cfg.k_stages and "no_k_empty_wait" not in cfg.mutate:
@@ -213,10 +219,13 @@ def consume_tile(st: State, c: int, j: int, seg: int):
 def consumer(st: State, c: int):
     j = 0
     for seg, n in enumerate(st.cfg.segments):
+        if seg == 0 and "no_q_arrive" not in st.cfg.mutate:
+            for _ in range(4):  # each warp, once its Q loads are issued
+                st.bars[("q_issued", 0)].arrive()
+            yield ("step",)
         yield from named_bar(st, c)  # both done with the previous Q and row_mult
-        if n:
-            write(st, ("q", c), ("Q", seg))  # consumer c's rows of Q and row_mult
-            write(st, ("row_mult", c), ("Q", seg))
+        write(st, ("q", c), ("Q", seg))  # consumer c's rows of Q and row_mult (every segment)
+        write(st, ("row_mult", c), ("Q", seg))
         yield from named_bar(st, c)
         for _ in range(n):
             if (j & 1) == c:
