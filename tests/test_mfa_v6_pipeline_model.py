@@ -31,7 +31,6 @@ def test_v6_pipeline_has_no_deadlock_or_stale_read(config: str) -> None:
     ("no_k_empty_wait", "bf16-tensor"),
     ("early_k_release", "fp8-token"),
     ("early_k_release", "bf16-token"),
-    ("no_q_arrive", "fp8-tensor"),
 ])
 def test_model_catches_broken_variants(mutation: str, config: str) -> None:
     assert _model().main(["--runs", "300", "--seed", "7", "--config", config, "--mutate", mutation]) == 1

@@ -152,13 +152,15 @@ __device__ __forceinline__ void convert_own_v(Smem<kKv>& s, int c, uint32_t j, i
 template <KvDtype kKv>
 __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s, RowState& rs, const Segment& seg,
                                              int c, int tile, uint32_t j, float (&o)[2][64]
-                                                 MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark)) {
+                                                 MFA_PROF(, uint32_t (&pc)[prof::kConsSlots], uint32_t& mark,
+                                                          unsigned long long* prof_ev)) {
   using Ring = typename Traits<kKv>::Ring;
   const int ks = j % Ring::kKStages;
   convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
   float acc[32];
   ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
+  MFA_PROF(if (j == 0 && threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvFirstK] = prof::gtime();)
   mma_qk(s, ks, acc);
   if (per_token_scales<kKv>(p)) scale_k_columns(s, ks, acc);
   __syncwarp();
@@ -183,6 +185,7 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   Walker w;
   w.init(meta);
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_rec && w.b1 >= -1) prof_rec[prof::kEvConsMeta] = prof::gtime();)
   uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
   // Every global value a segment needs is loaded at its start, together: Q (this
@@ -200,15 +203,12 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     next_len = b < w.b1 ? max(__ldg(p.seq_lens + b + 1), 0) : 0;
     const SegmentOut so = load_segment_out(p, pb, b, b == w.b0 ? w.s0 : 0);
     const float q_mult = p.softmax_scale * cfg::kLog2e * (p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.k_scale) : 1.f);
-    if (first) {  // the loader starts the copies once every consumer warp issued its Q loads
-      __syncwarp();
-      if (t % 32 == 0) ptx::mbar_arrive(&s.q_issued);
-    }
     const Segment seg = w.take(len);
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
     store_q(p, s, rb, qr, q_mult);
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+    MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvQStored] = prof::gtime();)
     if (!w.done()) prefetch_q(p, w.b, h, rb);
     RowState rs;
 #pragma unroll
@@ -225,10 +225,10 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     MFA_PROF_LAP(pc, prof::kQload, mark);
     for (int tile = seg.lo; tile < seg.hi; ++tile, ++tile_idx) {
       if ((tile_idx & 1) != static_cast<uint32_t>(c)) continue;
-      consume_tile(p, s, rs, seg, c, tile, tile_idx, o MFA_PROF(, pc, mark));
+      consume_tile(p, s, rs, seg, c, tile, tile_idx, o MFA_PROF(, pc, mark, prof_rec));
       MFA_PROF(++pc[prof::kTiles];)
     }
-    MFA_PROF(mark = prof::clk();)
+    MFA_PROF(mark = prof::clk(); if (threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvEpilogue] = prof::gtime();)
     epilogue<kKv>(p, pb, s, seg, so, rs, o, c, h, rb);
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
   }
@@ -270,7 +270,6 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
       ptx::mbar_init(&s.raw_v_full[st], 1);
       ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the 128 threads that convert V
     }
-    ptx::mbar_init(&s.q_issued, cfg::kNumConsumerWg * cfg::kWarpgroup / 32);  // every consumer warp
     ptx::fence_mbar_init();
   }
   __syncthreads();

@@ -223,9 +223,7 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   HalfCursor cur;
   cur.init(meta, p, lens);
   float scale_next = per_token ? load_token_scale(p, cur, h) : 0.f;
-  // Q first: the first segment's Q loads go out before this part's copies, or they
-  // wait behind every copy in flight (the consumers arrive once they issued them).
-  if (issuer && cur.valid) ptx::mbar_wait(&s.q_issued, 0);
+  MFA_PROF(if (tid == 0 && prof_rec) prof_rec[prof::kEvLoaderReady] = prof::gtime();)
   uint32_t t = 0;
   MFA_PROF(uint32_t pa[5] = {}; uint32_t mark = prof::clk();)
   while (cur.valid) {
@@ -253,6 +251,7 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
       if (t >= Ring::kVStages) ptx::mbar_wait(&s.raw_v_empty[vs], ((t / Ring::kVStages) & 1) ^ 1);
       MFA_PROF_LAP(pa, prof::kLdWaitVFree - prof::kLdWaitKFree, mark);
       if (tid == 0) issue_half<kKv>(p, cur, h, s.raw_v[vs], &s.raw_v_full[vs], pages);
+      MFA_PROF(if (tid == 0 && t == 0 && prof_rec) prof_rec[prof::kEvFirstIssue] = prof::gtime();)
       cur.next(p, lens);
       MFA_PROF_LAP(pa, prof::kLdIssue - prof::kLdWaitKFree, mark);
     } else {

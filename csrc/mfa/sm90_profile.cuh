@@ -24,7 +24,14 @@ enum Slot : int {
   kLdSpare,        // unused
   kCons = 11,      // consumer c: slots kCons + c * kConsSlots + ConsSlot
   kConsSlots = 11,
-  kRecordSlots = kCons + 2 * kConsSlots,  // 33
+  // globaltimer events (ns) of the CTA's first segment, for the fixed cost per CTA
+  kEvFirstIssue = kCons + 2 * kConsSlots,  // loader: first K and V copies issued
+  kEvQStored,      // consumer 0: Q of the first segment in shared memory (after the barrier)
+  kEvFirstK,       // consumer 0: its first K tile has landed
+  kEvEpilogue,     // consumer 0: start of its last epilogue
+  kEvLoaderReady,  // loader: its part's sequence lengths read, before the first page id
+  kEvConsMeta,     // consumer 0: its part's metadata read
+  kRecordSlots,    // 39
 };
 enum ConsSlot : int {
   kTiles = 0,

@@ -422,6 +422,27 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
   std::printf("== profile %s: %d CTAs (%d with tiles), tiles/CTA min %.0f max %.0f; CTA us min %.1f mean %.1f max %.1f;"
               " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
               d_max, (t_max - t_min) * 1e-3);
+  {  // first-segment events of the CTAs with tiles, us after the CTA's entry: median / max
+    const int ev[7] = {prof::kEvConsMeta, prof::kEvLoaderReady, prof::kEvFirstIssue, prof::kEvQStored, prof::kEvFirstK,
+                       prof::kEvEpilogue, prof::kT1Cons0};
+    const char* names[7] = {"cons0 has meta", "loader has lengths", "first copies issued", "Q stored",
+                            "first K landed", "last epilogue starts", "cons0 ends"};
+    std::printf("  CTA timeline (us after entry, median / max over CTAs with tiles; kernel start spread %.1f us):",
+                [&] {
+                  double lo = 1e300, hi = 0;
+                  for (int i = 0; i < ctas; ++i)
+                    if (rec(i, prof::kCons + prof::kTiles) > 0) lo = std::min(lo, rec(i, prof::kT0)), hi = std::max(hi, rec(i, prof::kT0));
+                  return hi > lo ? (hi - lo) * 1e-3 : 0.;
+                }());
+    for (int k = 0; k < 7; ++k) {
+      std::vector<double> v;
+      for (int i = 0; i < ctas; ++i)
+        if (rec(i, prof::kCons + prof::kTiles) > 0 && rec(i, ev[k]) > 0) v.push_back((rec(i, ev[k]) - rec(i, prof::kT0)) * 1e-3);
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      std::printf(" %s %.2f / %.2f%s", names[k], v[v.size() / 2], v.back(), k < 6 ? " |" : "\n");
+    }
+  }
   const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
   std::printf("  loader (thread 0) cycles/tile: wait_k_free %7.0f  scales %7.0f  issue %7.0f  wait_v_free %7.0f\n",
               ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all, ld[3] / tiles_all);

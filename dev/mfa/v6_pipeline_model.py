@@ -4,12 +4,11 @@
 The v6 pipeline (csrc/mfa/sm90_loader.cuh, sm90_kernel.cuh, config.h) run as actors over
 mbarrier-like objects, with random interleavings and random copy latencies:
 
-- the loader's issuing warp (lane 0 issues) waits q_issued once (8 arrivals: each
-  consumer warp after issuing its first segment's Q loads) before its first copy; then,
-  per tile t: waits raw_k_empty[t % KS] (t >= KS); with per-token scales stores its K
-  scale and arrives on raw_k_full; arrive_expect_tx on raw_k_full and the K
-  copy of tile t; waits raw_v_empty[t % VS] (t >= VS); arrive_expect_tx on raw_v_full and
-  the V copy. A copy lands as 1..3 pieces (pages / column blocks) at random times;
+- the loader's issuing warp (lane 0 issues), per tile t: waits raw_k_empty[t % KS]
+  (t >= KS); with per-token scales stores its K scale and arrives on raw_k_full;
+  arrive_expect_tx on raw_k_full and the K copy of tile t; waits raw_v_empty[t % VS]
+  (t >= VS); arrive_expect_tx on raw_v_full and the V copy. A copy lands as 1..3
+  pieces (pages / column blocks) at random times;
 - per-token scales only: the other 127 loader threads, as two actors (threads 1..63
   store k_scale[t % KS], threads 64..127 v_scale[t % (KS + 2)]), each waiting
   raw_k_empty[t % KS] and then arriving on raw_k_full[t % KS] (count 1 + 128);
@@ -17,7 +16,7 @@ mbarrier-like objects, with random interleavings and random copy latencies:
   wait raw_v_full, convert raw V into v_op[c], release the V stage (128 arrivals); wait
   raw_k_full, QK^T (K stage, Q), K scales, release the K stage (4 warps); softmax
   (row_mult); PV (V scales of slot j % (KS + 2), v_op[c]). Per segment: named barrier,
-  Q + row_mult stored (segments with tiles), named barrier, tiles, epilogue ((max, sum)
+  Q + row_mult stored (every segment), named barrier, tiles, epilogue ((max, sum)
   through row_ml, O through the Q tile, three named barriers). All named barriers are
   barrier 2 of both consumers, matched by call count as on the GPU.
 
@@ -37,8 +36,7 @@ only); it is checked as a stricter ring shape (KS = 2).
 ``--mutate a,b`` breaks the design on purpose (the run must then FAIL):
 few_v_scale_slots (KS V-scale slots instead of KS + 2), no_k_empty_wait (the loader
 threads skip the raw_k_empty wait), early_k_release (a consumer releases the K stage
-before it reads k_scale), no_q_arrive (the consumers never arrive on q_issued: the loader,
-waiting for their first Q loads, deadlocks). no_v_empty_wait alone passes: thread 0 issuing tile t has waited
+before it reads k_scale). no_v_empty_wait alone passes: thread 0 issuing tile t has waited
 raw_k_empty of tile t - 1 - KS, whose QK^T came after the V conversion of every tile up to
 t - 1 - KS >= t - VS of its consumer (VS >= KS + 1 for fp8; for bf16 the wait of tile t
 itself covers tile t - 2); the kernel keeps that wait as a guard.
@@ -69,7 +67,7 @@ Barrier, ModelError = _v5.Barrier, _v5.ModelError
 
 CONFIGS = {"fp8-tensor": (3, 4, False), "fp8-token": (3, 4, True),
            "bf16-tensor": (2, 2, False), "bf16-token": (2, 2, True)}
-MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait", "no_q_arrive")
+MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait")
 
 
 @dataclass
@@ -107,7 +105,6 @@ def make_state(cfg: Config) -> State:
     for s in range(cfg.v_stages):
         st.bars[("raw_v_full", s)] = Barrier(1, f"raw_v_full[{s}]")
         st.bars[("raw_v_empty", s)] = Barrier(128, f"raw_v_empty[{s}]")  # its 128 threads
-    st.bars[("q_issued", 0)] = Barrier(8, "q_issued")  # one arrival per consumer warp
     return st
 
 
@@ -152,8 +149,6 @@ def issue(st: State, rng: random.Random, ring: str, stage: int, t: int) -> None:
 
 def loader0(st: State, rng: random.Random):
     cfg = st.cfg
-    if st.tiles:  # the first segment's Q loads go out before the copies
-        yield from wait(st, ("q_issued", 0), 0)
     for t in range(st.tiles):
         ks, vs = t % cfg.k_stages, t % cfg.v_stages
         if t >= cfg.k_stages and "no_k_empty_wait" not in cfg.mutate:
@@ -219,10 +214,6 @@ def consume_tile(st: State, c: int, j: int, seg: int):
 def consumer(st: State, c: int):
     j = 0
     for seg, n in enumerate(st.cfg.segments):
-        if seg == 0 and "no_q_arrive" not in st.cfg.mutate:
-            for _ in range(4):  # each warp, once its Q loads are issued
-                st.bars[("q_issued", 0)].arrive()
-            yield ("step",)
         yield from named_bar(st, c)  # both done with the previous Q and row_mult
         write(st, ("q", c), ("Q", seg))  # consumer c's rows of Q and row_mult (every segment)
         write(st, ("row_mult", c), ("Q", seg))
