@@ -246,16 +246,21 @@ def run_once(cfg: Config, rng: random.Random) -> None:
         if name == "copy":
             land_one(st, rng)
             continue
-        waiting.pop(name, None)
-        try:
-            ev = next(actors[name])
-        except StopIteration:
-            del actors[name]
-            continue
-        if ev[0] == "wait":
-            waiting[name] = (ev[1], ev[2])
+        step_actor(actors, waiting, name)
     if st.in_flight:
         raise ModelError("copies left in flight at the end")
+
+
+def step_actor(actors: dict, waiting: dict, name: str) -> None:
+    """Runs actor `name` to its next event: gone when it finishes, or waiting on a predicate."""
+    waiting.pop(name, None)
+    try:
+        ev = next(actors[name])
+    except StopIteration:
+        del actors[name]
+        return
+    if ev[0] == "wait":
+        waiting[name] = (ev[1], ev[2])
 
 
 def random_config(rng: random.Random, mutate: str) -> Config:

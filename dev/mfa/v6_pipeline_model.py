@@ -53,7 +53,7 @@ from pathlib import Path
 
 
 def _load_v5_model():
-    """The v5 model's barrier and error types (dev/mfa/v5_pipeline_model.py), shared."""
+    """The v5 model's barrier and error types and actor stepping (dev/mfa/v5_pipeline_model.py), shared."""
     path = Path(__file__).resolve().parent / "v5_pipeline_model.py"
     spec = importlib.util.spec_from_file_location("mfa_v5_pipeline_model_shared", path)
     mod = importlib.util.module_from_spec(spec)
@@ -275,14 +275,7 @@ def run_once(cfg: Config, rng: random.Random) -> None:
         if name == "copy":
             land_one(st, rng)
             continue
-        waiting.pop(name, None)
-        try:
-            ev = next(actors[name])
-        except StopIteration:
-            del actors[name]
-            continue
-        if ev[0] == "wait":
-            waiting[name] = (ev[1], ev[2])
+        _v5.step_actor(actors, waiting, name)
     if st.in_flight:
         raise ModelError("copies left in flight at the end")
 
