@@ -204,6 +204,10 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     const SegmentOut so = load_segment_out(p, pb, b, b == w.b0 ? w.s0 : 0);
     const float q_mult = p.softmax_scale * cfg::kLog2e * (p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.k_scale) : 1.f);
     const Segment seg = w.take(len);
+    // (the event waits for the loaded value: it is written only if the piece is not
+    // this one bit pattern, which a bf16 pair of Q never has to be)
+    MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec && qr.v[0].x != 0x7fc17fc1u)
+                 prof_rec[prof::kEvQLoaded] = prof::gtime();)
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
     store_q(p, s, rb, qr, q_mult);
     ptx::fence_proxy_async_smem();

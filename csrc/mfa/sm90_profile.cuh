@@ -31,7 +31,8 @@ enum Slot : int {
   kEvEpilogue,     // consumer 0: start of its last epilogue
   kEvLoaderReady,  // loader: its part's sequence lengths read, before the first page id
   kEvConsMeta,     // consumer 0: its part's metadata read
-  kRecordSlots,    // 39
+  kEvQLoaded,      // consumer 0 (thread 0): its first Q piece back in registers
+  kRecordSlots,    // 40
 };
 enum ConsSlot : int {
   kTiles = 0,
