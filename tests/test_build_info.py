@@ -24,3 +24,15 @@ def test_build_info_reports_ucx():
     names = {t.split("/")[0] for t in ucx["transports"]}
     assert "tcp" in names
     assert names & {"posix", "sysv"}
+
+
+def test_benchmark_records_hold_no_machine_paths(monkeypatch, tmp_path):
+    # Records land in bench/results/ and are shared: file names, never this machine's layout.
+    from afdkit.bench.common import environment
+
+    out = tmp_path / "deep" / "bench.json"
+    monkeypatch.setattr("sys.argv", [str(tmp_path / "bench_mfa.py"), "--out", str(out), "--batch", "8"])
+    env = environment()
+    assert env["command"] == "bench_mfa.py --out bench.json --batch 8"
+    assert env["afdkit"]["ucx"]["library"].startswith("libucp")
+    assert str(tmp_path) not in repr(env)

@@ -10,6 +10,11 @@ import sys
 from typing import Any, Callable
 
 
+def _no_machine_path(arg: str) -> str:
+    """A file name instead of an absolute path: records are shared, the machine's layout is not."""
+    return os.path.basename(arg) if os.path.isabs(arg) else arg
+
+
 def environment() -> dict[str, Any]:
     import torch
 
@@ -17,12 +22,15 @@ def environment() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([os.path.basename(sys.argv[0])] + sys.argv[1:]),
+        "command": " ".join([os.path.basename(sys.argv[0])] + [_no_machine_path(a) for a in sys.argv[1:]]),
         "torch": torch.__version__,
     }
     try:
         info["afdkit"] = afdkit.build_info()
         info["commit"] = info["afdkit"]["git_sha"]
+        ucx = info["afdkit"].get("ucx")
+        if isinstance(ucx, dict) and isinstance(ucx.get("library"), str):
+            ucx["library"] = _no_machine_path(ucx["library"])
     except ImportError:
         info["commit"] = "unknown"
     if torch.cuda.is_available():
