@@ -26,20 +26,15 @@ constexpr int kPlanThreads = 32;
 constexpr int kRowsPerCta = 64;        // one wgmma M; rows = q_len x heads-per-kv, padded
 constexpr int kWarpgroup = 128;
 constexpr int kNumConsumerWg = 2;      // consumer c takes the tiles j with j % 2 == c (all 256 dims)
-constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 loads + converts
+constexpr int kThreads = kWarpgroup * (1 + kNumConsumerWg); // WG0 issues the copies
 constexpr int kMergeDims = kHeadDim / kNumConsumerWg;  // epilogue: consumer c writes dims [128c, +128)
 // setmaxnreg targets. The pool is what the launch allocated: 168 registers (the cap
 // for 384 threads) x 384; asking for more makes setmaxnreg.inc wait forever. The
 // loader only issues copies (and stores per-token scales), so it keeps 56; the
 // consumers hold O (64 x 256 fp32: 128 registers) + S + P and get the rest.
 constexpr int kLaunchRegs = 168;
-#ifdef AFDKIT_MFA_V6B  // dev variant: the loader converts V (two issue cursors + the convert)
-constexpr int kLoaderRegs = 72;
-constexpr int kConsumerRegs = 216;
-#else
 constexpr int kLoaderRegs = 56;
 constexpr int kConsumerRegs = 224;
-#endif
 // fp8 QK^T (16 K-steps: 2 Q terms x 8 x 32 dims): K-steps of the high Q term per
 // fresh wgmma accumulator, added in fp32 on the CUDA cores (1, 2, 4 or 8; the low term
 // is chained). 16 = every step of both terms chained into one accumulator, no promotion

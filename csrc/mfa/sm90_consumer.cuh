@@ -89,9 +89,8 @@ __device__ __forceinline__ void store_q_e4m3_pair(Smem<kKv>& s, int r, int lane,
     hi[w] = h2[0] | (static_cast<uint32_t>(h2[1]) << 16);
     lo[w] = l2[0] | (static_cast<uint32_t>(l2[1]) << 16);
   }
-  const int chunk = lane >> 1;  // 16-byte chunk of 16 e4m3 along the 256 dims
-  const uint32_t off = (chunk >> 3) * cfg::kColBlockBytes + r * cfg::kSwizzleBytes +
-                       (((chunk & 7) ^ (r & 7)) << 4) + (lane & 1) * 8;
+  // 16-byte chunk lane / 2 of 16 e4m3 along the 256 dims, this lane's half of it
+  const uint32_t off = op_chunk_offset(r, lane >> 1) + (lane & 1) * 8;
   *reinterpret_cast<uint2*>(s.q + off) = make_uint2(hi[0], hi[1]);
   *reinterpret_cast<uint2*>(s.q + kQTermBytes + off) = make_uint2(lo[0], lo[1]);
 }
@@ -152,10 +151,10 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
 // fp8 K-step `st` of QK^T (Q term st / 8: high, low; dims 32 (st % 8)..+32): byte
 // offsets of its A tile in s.q and of its B tile in the K stage (a 32-byte slice of a
 // 128-byte swizzle row, in column block (st % 8) / 4).
-__device__ __forceinline__ uint32_t qk_e4m3_k_offset(int st) {
-  const int ks = st % (cfg::kHeadDim / 32);
+__device__ __forceinline__ uint32_t k_step_offset(int ks) {  // 32-byte K-step ks of a 256-dim row
   return (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
 }
+__device__ __forceinline__ uint32_t qk_e4m3_k_offset(int st) { return k_step_offset(st % (cfg::kHeadDim / 32)); }
 __device__ __forceinline__ uint32_t qk_e4m3_q_offset(int st) {
   return (st / (cfg::kHeadDim / 32)) * kQTermBytes + qk_e4m3_k_offset(st);
 }
@@ -222,7 +221,7 @@ __device__ __forceinline__ void mma_qk(Smem<kKv>& s, int stage, float (&acc)[32]
   } else {
 #pragma unroll
     for (int ks = 0; ks < cfg::kHeadDim / 16; ++ks) {
-      const uint32_t off = (ks / 4) * cfg::kColBlockBytes + (ks % 4) * 32;
+      const uint32_t off = k_step_offset(ks);
       ptx::wgmma_m64n64k16_ss<Op>(acc, ptx::make_smem_desc(q_base + off, 16, 1024),
                                   ptx::make_smem_desc(k_base + off, 16, 1024), ks > 0);
     }
