@@ -226,10 +226,12 @@ namespace detail {
 // sequence when the work spreads evenly), 1..8. AFDKIT_MFA_COMBINE_WARPS overrides it
 // (1, 2, 4 or 8) for A/B timing.
 int combine_warps_per_row(int batch, int num_sm_parts) {
-  if (const char* v = std::getenv("AFDKIT_MFA_COMBINE_WARPS")) {
-    const int w = std::atoi(v);
-    if (w == 1 || w == 2 || w == 4 || w == 8) return w;
-  }
+  static const int forced = [] {  // read once, not on every decode call
+    const char* v = std::getenv("AFDKIT_MFA_COMBINE_WARPS");
+    const int w = v ? std::atoi(v) : 0;
+    return w == 1 || w == 2 || w == 4 || w == 8 ? w : 0;
+  }();
+  if (forced) return forced;
   const int splits = (num_sm_parts + batch - 1) / batch;
   return splits >= 32 ? 8 : splits >= 12 ? 4 : splits >= 4 ? 2 : 1;
 }
