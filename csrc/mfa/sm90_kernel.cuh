@@ -56,7 +56,8 @@ __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
 // own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
 template <KvDtype kKv>
 __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb) {
+                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
+                             MFA_PROF(, unsigned long long* prof_ev)) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
@@ -69,6 +70,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
     if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
   const float final_mult = so.final_mult;
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -100,6 +102,8 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
   }
   const float (&mine)[64] = o[0];  // this consumer's merged dims
   const int64_t slot = so.slot;
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev && mine[0] != __int_as_float(0x7fc1a5a5))
+               prof_ev[prof::kEvEpiStores] = prof::gtime();)
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
     const int rg = rb * cfg::kRowsPerCta + (t / 32) * 16 + lane / 4 + 8 * i;
@@ -120,10 +124,18 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
       if (c == 0 && q == 0 && p.lse) p.lse[row_idx] = lse;
     } else {
       const int64_t prow = (slot * p.q_len + rc.token) * p.num_q_heads + hq;
+#ifdef AFDKIT_MFA_PARTIAL_BF16
+      auto* out = reinterpret_cast<__nv_bfloat16*>(pb.o_partial) + prow * cfg::kHeadDim + dim0;
+#pragma unroll
+      for (int n = 0; n < 16; ++n)
+        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) =
+            __floats2bfloat162_rn(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
+#else
       float* out = pb.o_partial + prow * cfg::kHeadDim + dim0;
 #pragma unroll
       for (int n = 0; n < 16; ++n)
         *reinterpret_cast<float2*>(out + 8 * n) = make_float2(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
+#endif
       if (c == 0 && q == 0) pb.lse_partial[prow] = lse;
     }
   }
@@ -156,6 +168,14 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
                                                           unsigned long long* prof_ev)) {
   using Ring = typename Traits<kKv>::Ring;
   const int ks = j % Ring::kKStages;
+#ifdef AFDKIT_MFA_DEV_NO_MATH  // bound finding only: take the tile's copies and release them (see docs)
+  ptx::mbar_wait(&s.raw_v_full[j % Ring::kVStages], (j / Ring::kVStages) & 1);
+  ptx::mbar_arrive(&s.raw_v_empty[j % Ring::kVStages]);
+  ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
+  __syncwarp();
+  if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.raw_k_empty[ks]);
+  return;
+#endif
   convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
   float acc[32];
   ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
@@ -233,7 +253,7 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
       MFA_PROF(++pc[prof::kTiles];)
     }
     MFA_PROF(mark = prof::clk(); if (threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvEpilogue] = prof::gtime();)
-    epilogue<kKv>(p, pb, s, seg, so, rs, o, c, h, rb);
+    epilogue<kKv>(p, pb, s, seg, so, rs, o, c, h, rb MFA_PROF(, prof_rec));
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
   }
 #ifdef AFDKIT_MFA_PROFILE

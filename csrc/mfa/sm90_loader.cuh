@@ -4,6 +4,8 @@
 // and V raw rings; with per-token scales all 128 threads also store the tile's
 // scales beside the K stage. The consumers convert V with the convert functions below.
 #pragma once
+#include <climits>
+
 #include "common/ptx.cuh"
 #include "mfa/sm90_profile.cuh"
 #include "mfa/sm90_smem.cuh"
@@ -83,6 +85,10 @@ __device__ void issue_half(const DecodeParams& p, const HalfCursor& c, int h, ui
                            const int (&pages)[kMaxPagesPerTile]) {
   using Tr = Traits<kKv>;
   const int n_valid = c.n_valid();
+#ifdef AFDKIT_MFA_DEV_NO_COPY  // bound finding only: the stage completes with no bytes (see docs)
+  ptx::mbar_arrive_expect_tx(bar, 0);
+  return;
+#endif
   ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_valid * Tr::kRawRowBytes));
   const auto* base = static_cast<const uint8_t*>(c.half ? p.v_cache : p.k_cache);
   const bool contiguous = p.kv_stride_token == cfg::kHeadDim;
@@ -181,6 +187,10 @@ __device__ void issue_k_tma(const DecodeParams& p, const HalfCursor& c, int h, u
   constexpr int kBlocks = Tr::kRawRowBytes / cfg::kSwizzleBytes;     // 2 fp8, 4 bf16
   constexpr int kBlockElems = cfg::kSwizzleBytes / Tr::kKvBytes;      // 128 fp8, 64 bf16
   const int n_pages = cdiv(c.n_valid(), p.page_size);
+#ifdef AFDKIT_MFA_DEV_NO_COPY
+  ptx::mbar_arrive_expect_tx(bar, 0);
+  return;
+#endif
   ptx::mbar_arrive_expect_tx(bar, static_cast<uint32_t>(n_pages * p.page_size * Tr::kRawRowBytes));
 #pragma unroll
   for (int k = 0; k < kMaxPagesPerTile; ++k) {
@@ -223,7 +233,8 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   HalfCursor cur;
   cur.init(meta, p, lens);
   float scale_next = per_token ? load_token_scale(p, cur, h) : 0.f;
-  MFA_PROF(if (tid == 0 && prof_rec) prof_rec[prof::kEvLoaderReady] = prof::gtime();)
+  // (events wait for the value they are about: written only if it is not INT_MIN)
+  MFA_PROF(if (tid == 0 && prof_rec && lens.v != INT_MIN) prof_rec[prof::kEvLoaderReady] = prof::gtime();)
   uint32_t t = 0;
   MFA_PROF(uint32_t pa[5] = {}; uint32_t mark = prof::clk();)
   while (cur.valid) {
@@ -244,8 +255,10 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
     if (issuer) {
       int pages[kMaxPagesPerTile];
       pw.pages(p, cur.w, lens, cur, pages);
+      MFA_PROF(if (tid == 0 && t == 0 && prof_rec && pages[0] != INT_MIN) prof_rec[prof::kEvPagesReady] = prof::gtime();)
       MFA_PROF(s.prof_issue[ks] = prof::clk();)
       if (tid == 0) issue_k_tma<kKv>(p, cur, h, s.raw_k[ks], &s.raw_k_full[ks], pages, k_map);
+      MFA_PROF(if (tid == 0 && t == 0 && prof_rec) prof_rec[prof::kEvKIssued] = prof::gtime();)
       cur.next(p, lens);
       MFA_PROF_LAP(pa, prof::kLdIssue - prof::kLdWaitKFree, mark);
       if (t >= Ring::kVStages) ptx::mbar_wait(&s.raw_v_empty[vs], ((t / Ring::kVStages) & 1) ^ 1);

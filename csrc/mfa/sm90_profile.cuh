@@ -32,7 +32,11 @@ enum Slot : int {
   kEvLoaderReady,  // loader: its part's sequence lengths read, before the first page id
   kEvConsMeta,     // consumer 0: its part's metadata read
   kEvQLoaded,      // consumer 0 (thread 0): its first Q piece back in registers
-  kRecordSlots,    // 40
+  kEvPagesReady,   // loader: the first tile's page ids in registers
+  kEvKIssued,      // loader: the first K tile's boxes issued (before the V copy)
+  kEvEpiBothIn,    // consumer 0: past the first barrier of its last epilogue (consumer 1 is there too)
+  kEvEpiStores,    // consumer 0: merge done, its last epilogue's stores start
+  kRecordSlots,    // 44
 };
 enum ConsSlot : int {
   kTiles = 0,

@@ -423,10 +423,13 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
               " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
               d_max, (t_max - t_min) * 1e-3);
   {  // first-segment events of the CTAs with tiles, us after the CTA's entry: median / max
-    const int ev[8] = {prof::kEvConsMeta, prof::kEvLoaderReady, prof::kEvFirstIssue, prof::kEvQLoaded,
-                       prof::kEvQStored, prof::kEvFirstK, prof::kEvEpilogue, prof::kT1Cons0};
-    const char* names[8] = {"cons0 has meta", "loader has lengths", "first copies issued", "Q loaded", "Q stored",
-                            "first K landed", "last epilogue starts", "cons0 ends"};
+    constexpr int kEvents = 12;
+    const int ev[kEvents] = {prof::kEvConsMeta, prof::kEvLoaderReady, prof::kEvPagesReady, prof::kEvKIssued,
+                             prof::kEvFirstIssue, prof::kEvQLoaded, prof::kEvQStored, prof::kEvFirstK,
+                             prof::kEvEpilogue, prof::kEvEpiBothIn, prof::kEvEpiStores, prof::kT1Cons0};
+    const char* names[kEvents] = {"cons0 has meta", "loader has lengths", "page ids", "K issued",
+                                  "first copies issued", "Q loaded", "Q stored", "first K landed",
+                                  "last epilogue starts", "both consumers in it", "its stores start", "cons0 ends"};
     std::printf("  CTA timeline (us after entry, median / max over CTAs with tiles; kernel start spread %.1f us):",
                 [&] {
                   double lo = 1e300, hi = 0;
@@ -434,13 +437,13 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
                     if (rec(i, prof::kCons + prof::kTiles) > 0) lo = std::min(lo, rec(i, prof::kT0)), hi = std::max(hi, rec(i, prof::kT0));
                   return hi > lo ? (hi - lo) * 1e-3 : 0.;
                 }());
-    for (int k = 0; k < 8; ++k) {
+    for (int k = 0; k < kEvents; ++k) {
       std::vector<double> v;
       for (int i = 0; i < ctas; ++i)
         if (rec(i, prof::kCons + prof::kTiles) > 0 && rec(i, ev[k]) > 0) v.push_back((rec(i, ev[k]) - rec(i, prof::kT0)) * 1e-3);
       if (v.empty()) continue;
       std::sort(v.begin(), v.end());
-      std::printf(" %s %.2f / %.2f%s", names[k], v[v.size() / 2], v.back(), k < 7 ? " |" : "\n");
+      std::printf(" %s %.2f / %.2f%s", names[k], v[v.size() / 2], v.back(), k < kEvents - 1 ? " |" : "\n");
     }
   }
   const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
