@@ -74,14 +74,6 @@ constexpr int kSimtThreads = 256; // one thread per output dim
 // ---- append / combine --------------------------------------------------------------
 constexpr int kAppendWarps = 8;
 constexpr int kCombineWarps = 8;          // warps per combine block (1..8 of them per output row)
-// Partial results per (split sequence, part): 1 = the two consumers merge theirs in the
-// epilogue; 2 = each consumer writes its own and the combine merges them (no barrier
-// between the consumers at a split segment's end). A/B switch AFDKIT_MFA_SPLIT_CONSUMERS.
-#ifdef AFDKIT_MFA_SPLIT_CONSUMERS
-constexpr int kSlotsPerSplit = 2;
-#else
-constexpr int kSlotsPerSplit = 1;
-#endif
 
 static_assert(kHeadDim == 256, "kernels index dims with 256-wide rows");
 static_assert(kSimtThreads == kHeadDim, "SIMT: one thread per dim");

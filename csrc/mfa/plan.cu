@@ -75,7 +75,7 @@ __device__ int64_t fill_parts(const int32_t* seq_lens, int batch, int32_t* part_
       batch_meta[b * cfg::kBatchMetaInts + 0] = splits;
       batch_meta[b * cfg::kBatchMetaInts + 1] = splits > 1 ? slot : -1;
     }
-    if (splits > 1) slot += splits * cfg::kSlotsPerSplit;
+    if (splits > 1) slot += splits;
   }
   if (open && write) write_part(part_meta, part, cur);
   return part == num_parts - 1 ? used : 0;
@@ -135,9 +135,8 @@ __global__ void __launch_bounds__(cfg::kCombineWarps * 32)
   const int64_t rows_per_b = static_cast<int64_t>(p.q_len) * p.num_q_heads;
   const int b = static_cast<int>(row / rows_per_b);
   const int within = static_cast<int>(row % rows_per_b);  // = i * Hq + hq
-  const int seq_splits = pb.batch_meta[b * cfg::kBatchMetaInts];
-  if (seq_splits <= 1) return;  // written by the decode kernel
-  const int splits = seq_splits * cfg::kSlotsPerSplit;  // partial results of the sequence
+  const int splits = pb.batch_meta[b * cfg::kBatchMetaInts];
+  if (splits <= 1) return;  // written by the decode kernel
   const int64_t slot0 = pb.batch_meta[b * cfg::kBatchMetaInts + 1];
   const float* lse = pb.lse_partial + slot0 * rows_per_b + within;
   const auto group_sync = [&] {
@@ -218,7 +217,7 @@ PlanSizes plan_sizes(int batch, int q_len, int num_q_heads, int num_kv_heads, in
   // Each of the num_sm_parts - 1 part boundaries cuts at most one sequence, adding
   // one split to it and making it split at most once: slots <= min(batch, P-1) + P-1.
   const int64_t cuts = s.num_sm_parts - 1;
-  s.num_slots = ((batch < cuts ? batch : cuts) + cuts) * cfg::kSlotsPerSplit;
+  s.num_slots = (batch < cuts ? batch : cuts) + cuts;
   s.lse_partial_floats = s.num_slots * q_len * num_q_heads;
   s.o_partial_floats = s.lse_partial_floats * cfg::kHeadDim;
   return s;

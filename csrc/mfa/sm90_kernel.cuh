@@ -34,7 +34,7 @@ __device__ __forceinline__ SegmentOut load_segment_out(const DecodeParams& p, co
   const int splits = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts);
   const int first_slot = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts + 1);
   SegmentOut so;
-  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + split * cfg::kSlotsPerSplit : -1;
+  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + split : -1;
   so.final_mult = p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.v_scale)
                   : p.scale_mode == ScaleMode::kPerToken ? 1.f / cfg::kPerTokenVShift
                                                          : 1.f;
@@ -45,46 +45,6 @@ __device__ __forceinline__ SegmentOut load_segment_out(const DecodeParams& p, co
 template <KvDtype kKv>
 __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
   return s.row_ml[c];
-}
-
-// Epilogue of a split segment when each consumer keeps its own partial result
-// (kSlotsPerSplit == 2): consumer c writes O / l of all 256 dims and its lse into slot
-// so.slot + c, with no barrier; a consumer without tiles writes zeros and -inf.
-__device__ __forceinline__ void store_own_partial(const DecodeParams& p, const PlanBuffers& pb, const Segment& seg,
-                                  const SegmentOut& so, const RowState& rs, const float (&o)[2][64], int c, int h,
-                                  int rb) {
-  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
-  const int64_t slot = so.slot + c;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = rs.l[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int rg = rb * cfg::kRowsPerCta + (t / 32) * 16 + lane / 4 + 8 * i;
-    if (rg >= rows) continue;
-    const float inv = l > 0.f ? so.final_mult / l : 0.f;
-    const RowCoord rc = row_coord(rg, G);
-    const int hq = h * G + rc.head;
-    const int64_t prow = (slot * p.q_len + rc.token) * p.num_q_heads + hq;
-#pragma unroll
-    for (int half = 0; half < 2; ++half) {
-      const int dim0 = half * cfg::kMergeDims + 2 * q;
-#ifdef AFDKIT_MFA_PARTIAL_BF16
-      auto* out = reinterpret_cast<__nv_bfloat16*>(pb.o_partial) + prow * cfg::kHeadDim + dim0;
-#pragma unroll
-      for (int n = 0; n < 16; ++n)
-        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) =
-            __floats2bfloat162_rn(o[half][4 * n + 2 * i] * inv, o[half][4 * n + 2 * i + 1] * inv);
-#else
-      float* out = pb.o_partial + prow * cfg::kHeadDim + dim0;
-#pragma unroll
-      for (int n = 0; n < 16; ++n)
-        *reinterpret_cast<float2*>(out + 8 * n) = make_float2(o[half][4 * n + 2 * i] * inv, o[half][4 * n + 2 * i + 1] * inv);
-#endif
-    }
-    if (q == 0) pb.lse_partial[prow] = lse_or_neg_inf(rs.m[i], l);
-  }
 }
 
 // Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
@@ -100,10 +60,6 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
                              MFA_PROF(, unsigned long long* prof_ev)) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
-  if (cfg::kSlotsPerSplit == 2 && so.slot >= 0) {
-    store_own_partial(p, pb, seg, so, rs, o, c, h, rb);
-    return;
-  }
   float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
