@@ -157,20 +157,9 @@ __global__ void __launch_bounds__(cfg::kCombineWarps * 32)
 #pragma unroll 4
   for (int s = wi; s < splits; s += kW) {
     const float w = mx == -INFINITY ? 0.f : expf(lse[s * rows_per_b] - mx);
-#ifdef AFDKIT_MFA_PARTIAL_BF16
-    const auto* ob = reinterpret_cast<const __nv_bfloat16*>(pb.o_partial) +
-                     ((slot0 + s) * rows_per_b + within) * cfg::kHeadDim + lane * 8;
-    const uint4 raw = *reinterpret_cast<const uint4*>(ob);
-    const float2 a01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
-    const float2 a23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
-    const float2 c01 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.z));
-    const float2 c23 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.w));
-    const float4 a = make_float4(a01.x, a01.y, a23.x, a23.y), c = make_float4(c01.x, c01.y, c23.x, c23.y);
-#else
     const float* o = pb.o_partial + ((slot0 + s) * rows_per_b + within) * cfg::kHeadDim + lane * 8;
     const float4 a = *reinterpret_cast<const float4*>(o);
     const float4 c = *reinterpret_cast<const float4*>(o + 4);
-#endif
     sum += w;
     acc[0] += w * a.x, acc[1] += w * a.y, acc[2] += w * a.z, acc[3] += w * a.w;
     acc[4] += w * c.x, acc[5] += w * c.y, acc[6] += w * c.z, acc[7] += w * c.w;

@@ -124,18 +124,10 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
       if (c == 0 && q == 0 && p.lse) p.lse[row_idx] = lse;
     } else {
       const int64_t prow = (slot * p.q_len + rc.token) * p.num_q_heads + hq;
-#ifdef AFDKIT_MFA_PARTIAL_BF16
-      auto* out = reinterpret_cast<__nv_bfloat16*>(pb.o_partial) + prow * cfg::kHeadDim + dim0;
-#pragma unroll
-      for (int n = 0; n < 16; ++n)
-        *reinterpret_cast<__nv_bfloat162*>(out + 8 * n) =
-            __floats2bfloat162_rn(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
-#else
       float* out = pb.o_partial + prow * cfg::kHeadDim + dim0;
 #pragma unroll
       for (int n = 0; n < 16; ++n)
         *reinterpret_cast<float2*>(out + 8 * n) = make_float2(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
-#endif
       if (c == 0 && q == 0) pb.lse_partial[prow] = lse;
     }
   }
