@@ -205,7 +205,6 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
                          const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
                              MFA_PROF(, unsigned long long* prof_ev)) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
 #pragma unroll
   for (int i = 0; i < 2; ++i) {
@@ -267,7 +266,7 @@ __device__ __forceinline__ void convert_own_v(Smem<kKv>& s, int c, uint32_t j, i
   const int vs = j % Ring::kVStages;
   ptx::mbar_wait(&s.raw_v_full[vs], (j / Ring::kVStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitV, mark);
-  convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid);
+  convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid, static_cast<int>(threadIdx.x % cfg::kWarpgroup));
   ptx::mbar_arrive(&s.raw_v_empty[vs]);
   ptx::fence_proxy_async_smem();
   ptx::named_bar_sync(4 + c, cfg::kWarpgroup);
@@ -292,7 +291,12 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.raw_k_empty[ks]);
   return;
 #endif
-  convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
+  if constexpr (cfg::kLoaderConvertsV) {  // converted by the loader's warps 2-3
+    ptx::mbar_wait(&s.vop_full[c], (j / 2) & 1);
+    MFA_PROF_LAP(pc, prof::kWaitV, mark);
+  } else {
+    convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
+  }
   float acc[32];
   ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
@@ -310,6 +314,10 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   uint32_t pf[4][4];
   make_p_frags(p, s, j % Ring::kVScaleSlots, acc, pf);
   mma_pv(s, c, pf, o);
+  if constexpr (cfg::kLoaderConvertsV) {  // PV has finished reading v_op[c] (wgmma wait)
+    __syncwarp();
+    if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.vop_empty[c]);
+  }
   MFA_PROF_LAP(pc, prof::kPv, mark);
 }
 
@@ -401,14 +409,18 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     // raw_k_full: thread 0's expect_tx, plus one arrival per loader thread when it
     // publishes per-token scales with the stage.
-    const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kWarpgroup : 0);
+    const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kScaleThreads : 0);
     for (int st = 0; st < Ring::kKStages; ++st) {
       ptx::mbar_init(&s.raw_k_full[st], k_full_count);
       ptx::mbar_init(&s.raw_k_empty[st], cfg::kWarpgroup / 32);  // the 4 warps of the tile's consumer
     }
     for (int st = 0; st < Ring::kVStages; ++st) {
       ptx::mbar_init(&s.raw_v_full[st], 1);
-      ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the 128 threads that convert V
+      ptx::mbar_init(&s.raw_v_empty[st], cfg::kLoaderConvertsV ? cfg::kVConvThreads : cfg::kWarpgroup);  // V converters
+    }
+    for (int c = 0; c < cfg::kVopBuffers; ++c) {
+      ptx::mbar_init(&s.vop_full[c], cfg::kVConvThreads);  // used only when the loader converts V
+      ptx::mbar_init(&s.vop_empty[c], cfg::kWarpgroup / 32);
     }
     ptx::fence_mbar_init();
   }
