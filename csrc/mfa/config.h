@@ -48,20 +48,6 @@ constexpr int kSwizzleCols = kSwizzleBytes / 2;
 constexpr int kOpTileBytes = kTileN * kHeadDim * 2;   // one fp16/bf16 64x256 operand tile
 constexpr int kColBlockBytes = kTileN * kSwizzleBytes; // 64 rows x 128 B = 8 KB
 constexpr int kVopBuffers = 2;         // one converted V tile per consumer
-// Who converts V (A/B switch AFDKIT_MFA_LOADER_V): by default the tile's consumer, at
-// the start of its tile; with the switch, warps 2-3 of the loader warpgroup (64
-// threads, two 128-code tasks each), so the conversion leaves the consumers' chain.
-#ifdef AFDKIT_MFA_LOADER_V
-#ifdef AFDKIT_MFA_STAGED_STORES
-#error "staged stores use v_op[c], which the loader's V converters may be filling"
-#endif
-constexpr bool kLoaderConvertsV = true;
-#else
-constexpr bool kLoaderConvertsV = false;
-#endif
-constexpr int kVConvWarp0 = 2;         // first converter warp of the loader warpgroup
-constexpr int kVConvThreads = kWarpgroup - 32 * kVConvWarp0;
-constexpr int kScaleThreads = kLoaderConvertsV ? 32 * kVConvWarp0 : kWarpgroup;  // per-token scale publishers
 constexpr float kPerTokenVShift = 1024.0f; // P*v_scale*2^10 keeps fp16 P normal
 
 // Raw stages hold one K or one V half-tile (64 rows of the cache's dtype). K lands
@@ -93,7 +79,6 @@ static_assert(kHeadDim == 256, "kernels index dims with 256-wide rows");
 static_assert(kSimtThreads == kHeadDim, "SIMT: one thread per dim");
 static_assert(kRowsPerCta == 64, "one wgmma M=64 per consumer warpgroup");
 static_assert(kVopBuffers == kNumConsumerWg, "V operand buffer c belongs to consumer c");
-static_assert(kVConvThreads == 64 && kScaleThreads % kTileN == 0, "converters: 2 tasks each; scale threads cover a tile");
 static_assert(kTileN == 64 && kTileN % 16 == 0, "tile = 4 wgmma K-steps of 16 tokens");
 static_assert(kHeadDim % kSwizzleCols == 0, "column blocks of 64 fp16");
 static_assert(kThreads == 384, "1 loader + 2 consumer warpgroups");

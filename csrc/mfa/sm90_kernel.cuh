@@ -47,59 +47,61 @@ __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
   return s.row_ml[c];
 }
 
-// Epilogue, rounds 1-3: the consumers exchange their rescaled O halves through the Q
-// tile (both are past their last QK^T; the next segment's Q is stored only after the
-// barrier at the top of the segment loop) as 16-byte pieces, slot [k / 4][thread]:
-// a warp's access is 512 contiguous bytes. Consumer c ends with the merged dims
-// [128c, 128c + 128) (not yet divided by the sum) in o[0].
+// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
+// shared memory and writes the rows -- bf16 output and lse when the sequence is
+// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
+// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
+// their last QK^T here, and the next segment's Q is stored only after the
+// barrier at the top of the segment loop. A thread's slot in it is indexed by its
+// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
 template <KvDtype kKv>
-__device__ __forceinline__ void merge_halves(Smem<kKv>& s, float (&o)[2][64], const float (&own_mult)[2], int c) {
-  const int t = threadIdx.x % cfg::kWarpgroup;
-  float4* xbuf = reinterpret_cast<float4*>(s.q);  // [16][128 threads] float4 = 32 KB
-  const auto scaled = [&](const float(&v)[64], int k4) {
-    return make_float4(v[4 * k4] * own_mult[0], v[4 * k4 + 1] * own_mult[0], v[4 * k4 + 2] * own_mult[1],
-                       v[4 * k4 + 3] * own_mult[1]);
-  };
-  const auto add = [&](float(&dst)[64], const float(&v)[64], int k4, float4 x) {
-    dst[4 * k4] = v[4 * k4] * own_mult[0] + x.x, dst[4 * k4 + 1] = v[4 * k4 + 1] * own_mult[0] + x.y;
-    dst[4 * k4 + 2] = v[4 * k4 + 2] * own_mult[1] + x.z, dst[4 * k4 + 3] = v[4 * k4 + 3] * own_mult[1] + x.w;
-  };
+__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
+                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
+                             MFA_PROF(, unsigned long long* prof_ev)) {
+  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
+  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
+  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = rs.l[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv_sum[i] = l;  // this consumer's row sum until the merge below
+    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
+  }
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
+  const float final_mult = so.final_mult;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
+    const float m = fmaxf(rs.m[i], other.x);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
+    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
+    m_merged[i] = m, l_merged[i] = l;
+    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
+  }
+  float* xbuf = reinterpret_cast<float*>(s.q);  // [64 accumulator elements][128 threads]
   if (c == 1) {  // round 1: consumer 1 hands over its dims [0, 128)
 #pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[0], k4);
+    for (int k = 0; k < 64; ++k) xbuf[k * cfg::kWarpgroup + t] = o[0][k] * own_mult[(k % 4) / 2];
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
   if (c == 0) {  // round 2: consumer 0 merges dims [0, 128) and hands over [128, 256)
 #pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) {
-      const float4 x = xbuf[k4 * cfg::kWarpgroup + t];
-      add(o[0], o[0], k4, x);
-      xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[1], k4);
+    for (int k = 0; k < 64; ++k) {
+      o[0][k] = o[0][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
+      xbuf[k * cfg::kWarpgroup + t] = o[1][k] * own_mult[(k % 4) / 2];
     }
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
   if (c == 1) {  // round 3: consumer 1 merges dims [128, 256) into o[0] (free since round 1)
 #pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) add(o[0], o[1], k4, xbuf[k4 * cfg::kWarpgroup + t]);
+    for (int k = 0; k < 64; ++k) o[0][k] = o[1][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
   }
-}
-
-// Byte offset of element pair (row, col..col+1) of consumer c's 64 x 128 fp32 staging
-// tile (rows of 512 B, 16-byte chunk k stored at chunk k ^ 2 (row % 8)): the writes of
-// a half-warp (4 rows x 4 column pairs) and the 16-byte reads of a row both hit every
-// bank once.
-__device__ __forceinline__ uint32_t stage_offset(int row, int col) {
-  return row * (cfg::kMergeDims * 4) + ((((col >> 2) ^ ((row & 7) << 1))) << 4) + (col & 3) * 4;
-}
-
-// Epilogue, stores straight from the registers: 32 eight-byte stores per thread (each
-// warp instruction covers 8 rows x 32 B), the lse of each row by consumer 0.
-__device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const PlanBuffers& pb, const Segment& seg,
-                                                  int64_t slot, const float (&mine)[64], const float (&inv_sum)[2],
-                                                  const float (&m_merged)[2], const float (&l_merged)[2], int c, int h,
-                                                  int rb MFA_PROF(, unsigned long long* prof_ev)) {
-  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
+  const float (&mine)[64] = o[0];  // this consumer's merged dims
+  const int64_t slot = so.slot;
   MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev && mine[0] != __int_as_float(0x7fc1a5a5))
                prof_ev[prof::kEvEpiStores] = prof::gtime();)
 #pragma unroll
@@ -131,131 +133,6 @@ __device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const P
   }
 }
 
-// Epilogue, staged stores (AFDKIT_MFA_STAGED_STORES, A/B; it parks two values in local
-// memory inside the tile loop): consumer c writes its merged dims divided by the row sums into its
-// V operand tile (free: its last PV has finished, and the tile is written again only
-// by its next V conversion, after the barrier at the top of the segment loop), then
-// each warp stores whole rows of it: 16-byte pieces, one row of 512 B (fp32 partial) or
-// 256 B (bf16 output) per warp instruction, instead of 32 eight-byte stores per thread
-// that each touch 8 rows. The lse of each row is stored from the registers.
-template <KvDtype kKv>
-__device__ __forceinline__ void write_rows_staged(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg, int64_t slot,
-                           const float (&mine)[64], const float (&inv_sum)[2], const float (&m_merged)[2],
-                           const float (&l_merged)[2], int c, int h, int rb MFA_PROF(, unsigned long long* prof_ev)) {
-  const int t = threadIdx.x % cfg::kWarpgroup, warp = t / 32, lane = t % 32, q = lane % 4;
-  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
-  uint8_t* stage = s.v_op[c];
-  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev && mine[0] != __int_as_float(0x7fc1a5a5))
-               prof_ev[prof::kEvEpiStores] = prof::gtime();)
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int r = warp * 16 + lane / 4 + 8 * i;
-    const float inv = inv_sum[i];
-#pragma unroll
-    for (int n = 0; n < 16; ++n)
-      *reinterpret_cast<float2*>(stage + stage_offset(r, 8 * n + 2 * q)) =
-          make_float2(mine[4 * n + 2 * i] * inv, mine[4 * n + 2 * i + 1] * inv);
-    const int rg = rb * cfg::kRowsPerCta + r;
-    if (c == 0 && q == 0 && rg < rows) {
-      const RowCoord rc = row_coord(rg, G);
-      const int hq = h * G + rc.head;
-      const float lse = lse_or_neg_inf(m_merged[i], l_merged[i]);
-      if (slot >= 0) pb.lse_partial[(slot * p.q_len + rc.token) * p.num_q_heads + hq] = lse;
-      else if (p.lse) p.lse[(static_cast<int64_t>(seg.b) * p.q_len + rc.token) * p.num_q_heads + hq] = lse;
-    }
-  }
-  ptx::named_bar_sync(4 + c, cfg::kWarpgroup);
-  // 8-byte stores of bf16 output need an 8-byte aligned row; the checks guarantee 4.
-  const bool out8 = ((reinterpret_cast<uintptr_t>(p.out) | (p.out_stride_b * 2) | (p.out_stride_t * 2) |
-                      (p.out_stride_h * 2)) & 7) == 0;
-  for (int r = warp; r < cfg::kRowsPerCta; r += cfg::kWarpgroup / 32) {
-    const int rg = rb * cfg::kRowsPerCta + r;
-    if (rg >= rows) break;
-    const float4 v = *reinterpret_cast<const float4*>(stage + stage_offset(r, 4 * lane));
-    const RowCoord rc = row_coord(rg, G);
-    const int hq = h * G + rc.head;
-    const int dim0 = c * cfg::kMergeDims + 4 * lane;
-    if (slot >= 0) {
-      float* out = pb.o_partial + ((slot * p.q_len + rc.token) * p.num_q_heads + hq) * cfg::kHeadDim + dim0;
-      *reinterpret_cast<float4*>(out) = v;
-    } else {
-      auto* out = static_cast<__nv_bfloat16*>(p.out) + seg.b * p.out_stride_b + rc.token * p.out_stride_t +
-                  hq * p.out_stride_h + dim0;
-      const __nv_bfloat162 lo = __floats2bfloat162_rn(v.x, v.y), hi = __floats2bfloat162_rn(v.z, v.w);
-      if (out8) {
-        *reinterpret_cast<uint2*>(out) =
-            make_uint2(*reinterpret_cast<const uint32_t*>(&lo), *reinterpret_cast<const uint32_t*>(&hi));
-      } else {
-        *reinterpret_cast<__nv_bfloat162*>(out) = lo;
-        *reinterpret_cast<__nv_bfloat162*>(out + 2) = hi;
-      }
-    }
-  }
-}
-
-// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
-// shared memory and writes the rows -- bf16 output and lse when the sequence is
-// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
-// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
-// their last QK^T here, and the next segment's Q is stored only after the
-// barrier at the top of the segment loop. A thread's slot in it is indexed by its
-// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
-template <KvDtype kKv>
-__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
-                             MFA_PROF(, unsigned long long* prof_ev)) {
-  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = rs.l[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv_sum[i] = l;  // this consumer's row sum until the merge below
-    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
-  const float final_mult = so.final_mult;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
-    const float m = fmaxf(rs.m[i], other.x);
-    const float m_use = m == -INFINITY ? 0.f : m;
-    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
-    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
-    m_merged[i] = m, l_merged[i] = l;
-    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
-  }
-#ifdef AFDKIT_MFA_EPILOGUE_V1  // the exchange as 64 scalar accesses per thread and round (A/B)
-  float* xbuf = reinterpret_cast<float*>(s.q);  // [64 accumulator elements][128 threads]
-  if (c == 1) {  // round 1: consumer 1 hands over its dims [0, 128)
-#pragma unroll
-    for (int k = 0; k < 64; ++k) xbuf[k * cfg::kWarpgroup + t] = o[0][k] * own_mult[(k % 4) / 2];
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  if (c == 0) {  // round 2: consumer 0 merges dims [0, 128) and hands over [128, 256)
-#pragma unroll
-    for (int k = 0; k < 64; ++k) {
-      o[0][k] = o[0][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
-      xbuf[k * cfg::kWarpgroup + t] = o[1][k] * own_mult[(k % 4) / 2];
-    }
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  if (c == 1) {  // round 3: consumer 1 merges dims [128, 256) into o[0] (free since round 1)
-#pragma unroll
-    for (int k = 0; k < 64; ++k) o[0][k] = o[1][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
-  }
-#else
-  merge_halves(s, o, own_mult, c);
-#endif
-#ifdef AFDKIT_MFA_STAGED_STORES
-  write_rows_staged(p, pb, s, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
-#else
-  write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
-#endif
-}
-
 // Consumer c's V of part-global tile j: wait for the copy, convert it into
 // v_op[c], release the raw stage, and make the writes visible to this
 // warpgroup's wgmma (fence per thread, then a barrier of the warpgroup).
@@ -266,7 +143,7 @@ __device__ __forceinline__ void convert_own_v(Smem<kKv>& s, int c, uint32_t j, i
   const int vs = j % Ring::kVStages;
   ptx::mbar_wait(&s.raw_v_full[vs], (j / Ring::kVStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitV, mark);
-  convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid, static_cast<int>(threadIdx.x % cfg::kWarpgroup));
+  convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid);
   ptx::mbar_arrive(&s.raw_v_empty[vs]);
   ptx::fence_proxy_async_smem();
   ptx::named_bar_sync(4 + c, cfg::kWarpgroup);
@@ -291,12 +168,7 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.raw_k_empty[ks]);
   return;
 #endif
-  if constexpr (cfg::kLoaderConvertsV) {  // converted by the loader's warps 2-3
-    ptx::mbar_wait(&s.vop_full[c], (j / 2) & 1);
-    MFA_PROF_LAP(pc, prof::kWaitV, mark);
-  } else {
-    convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
-  }
+  convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
   float acc[32];
   ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
@@ -314,10 +186,6 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   uint32_t pf[4][4];
   make_p_frags(p, s, j % Ring::kVScaleSlots, acc, pf);
   mma_pv(s, c, pf, o);
-  if constexpr (cfg::kLoaderConvertsV) {  // PV has finished reading v_op[c] (wgmma wait)
-    __syncwarp();
-    if (threadIdx.x % 32 == 0) ptx::mbar_arrive(&s.vop_empty[c]);
-  }
   MFA_PROF_LAP(pc, prof::kPv, mark);
 }
 
@@ -409,18 +277,14 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
   if (threadIdx.x == 0) {
     // raw_k_full: thread 0's expect_tx, plus one arrival per loader thread when it
     // publishes per-token scales with the stage.
-    const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kScaleThreads : 0);
+    const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kWarpgroup : 0);
     for (int st = 0; st < Ring::kKStages; ++st) {
       ptx::mbar_init(&s.raw_k_full[st], k_full_count);
       ptx::mbar_init(&s.raw_k_empty[st], cfg::kWarpgroup / 32);  // the 4 warps of the tile's consumer
     }
     for (int st = 0; st < Ring::kVStages; ++st) {
       ptx::mbar_init(&s.raw_v_full[st], 1);
-      ptx::mbar_init(&s.raw_v_empty[st], cfg::kLoaderConvertsV ? cfg::kVConvThreads : cfg::kWarpgroup);  // V converters
-    }
-    for (int c = 0; c < cfg::kVopBuffers; ++c) {
-      ptx::mbar_init(&s.vop_full[c], cfg::kVConvThreads);  // used only when the loader converts V
-      ptx::mbar_init(&s.vop_empty[c], cfg::kWarpgroup / 32);
+      ptx::mbar_init(&s.raw_v_empty[st], cfg::kWarpgroup);  // the 128 threads that convert V
     }
     ptx::fence_mbar_init();
   }

@@ -119,7 +119,8 @@ __device__ void issue_half(const DecodeParams& p, const HalfCursor& c, int h, ui
 // caps); rows past the sequence end (stale or NaN bytes) read as zero codes, which
 // convert to +0.
 template <int kConvBatch>
-__device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op, int n_valid, int t) {
+__device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op, int n_valid) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
   const int j = t & 7, g8 = t >> 3;  // lane in phase, phase index 0..15
   const int tok = (g8 >> 1) * 8 + j;
   const int colhalf = g8 & 1;        // 16-dim columns [8 * colhalf, 8 * colhalf + 8)
@@ -152,7 +153,8 @@ __device__ __forceinline__ void convert_half_fp8(const uint8_t* raw, uint8_t* op
 }
 
 // bf16 -> bf16: a swizzling copy; an 8-lane phase covers 8 chunks of one token.
-__device__ __forceinline__ void convert_half_bf16(const uint8_t* raw, uint8_t* op, int n_valid, int t) {
+__device__ __forceinline__ void convert_half_bf16(const uint8_t* raw, uint8_t* op, int n_valid) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
   const int j = t & 7, g8 = t >> 3;
 #pragma unroll 4
   for (int it = 0; it < 16; ++it) {
@@ -164,13 +166,13 @@ __device__ __forceinline__ void convert_half_bf16(const uint8_t* raw, uint8_t* o
   }
 }
 
-// Per-token scale of row (tid % 64) of the tile at `c` (K, or V with `v`); 0 past the end.
-__device__ __forceinline__ float load_token_scale(const DecodeParams& p, const HalfCursor& c, int h, bool v) {
+// Per-token scale of row (tid % 64) of the tile at `c` (K for tid < 64, else V); 0 past the end.
+__device__ __forceinline__ float load_token_scale(const DecodeParams& p, const HalfCursor& c, int h) {
   const int t = threadIdx.x % cfg::kTileN;
   const int tok = c.tile * cfg::kTileN + t;
   if (!c.valid || tok >= c.seg.seq_len) return 0.f;
   const int page = p.block_table[c.seg.b * p.block_table_stride + tok / p.page_size];
-  const float* scales = v ? p.v_scale : p.k_scale;
+  const float* scales = threadIdx.x < cfg::kTileN ? p.k_scale : p.v_scale;
   return scales[scale_index(page, tok % p.page_size, h, p.page_size, p.num_kv_heads)];
 }
 
@@ -200,39 +202,11 @@ __device__ void issue_k_tma(const DecodeParams& p, const HalfCursor& c, int h, u
   }
 }
 
-// Converts one raw V half-tile (fp8 or bf16) into a swizzled operand tile: the share
-// of thread t of a 128-thread converter (a warpgroup, or 64 threads taking t and t + 64).
+// Converts one raw V half-tile (fp8 or bf16) into a swizzled operand tile.
 template <KvDtype kKv, int kConvBatch>
-__device__ __forceinline__ void convert_half(const uint8_t* raw, uint8_t* op, int n_valid, int t) {
-  if constexpr (Traits<kKv>::kFp8) convert_half_fp8<kConvBatch>(raw, op, n_valid, t);
-  else convert_half_bf16(raw, op, n_valid, t);
-}
-
-// Warps 2-3 of the loader warpgroup when kLoaderConvertsV: V of every tile j of the part,
-// in order, into v_op[j % 2] once its copy has landed and consumer j % 2 has finished
-// PV(j - 2) with that buffer; published to the consumer (after the proxy fence that
-// makes the writes visible to its wgmma) through vop_full, and the raw stage released.
-template <KvDtype kKv>
-__device__ void convert_v_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* meta) {
-  using Ring = typename Traits<kKv>::Ring;
-  const int ct = static_cast<int>(threadIdx.x) - 32 * cfg::kVConvWarp0;  // 0..63
-  LaneSeqLens lens;
-  HalfCursor cur;
-  cur.init(meta, p, lens);
-  for (uint32_t j = 0; cur.valid; ++j) {
-    const int n_valid = cur.n_valid();
-    const int vs = j % Ring::kVStages, c = j % 2;
-    ptx::mbar_wait(&s.raw_v_full[vs], (j / Ring::kVStages) & 1);
-    if (j >= 2) ptx::mbar_wait(&s.vop_empty[c], ((j / 2) & 1) ^ 1);
-#pragma unroll 1  // one task's addresses live at a time (the loader runs at 56 registers)
-    for (int task = ct; task < cfg::kWarpgroup; task += cfg::kVConvThreads)
-      convert_half<kKv, 2>(s.raw_v[vs], s.v_op[c], n_valid, task);
-    ptx::fence_proxy_async_smem();
-    ptx::mbar_arrive(&s.raw_v_empty[vs]);
-    ptx::mbar_arrive(&s.vop_full[c]);
-    cur.next(p, lens);
-    cur.next(p, lens);
-  }
+__device__ __forceinline__ void convert_half(const uint8_t* raw, uint8_t* op, int n_valid) {
+  if constexpr (Traits<kKv>::kFp8) convert_half_fp8<kConvBatch>(raw, op, n_valid);
+  else convert_half_bf16(raw, op, n_valid);
 }
 
 // Warpgroup 0. Tile t of the part: K into raw_k[t % kKStages] once the consumer of
@@ -245,16 +219,9 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
                                 MFA_PROF(, unsigned long long* prof_rec)) {
   using Ring = typename Traits<kKv>::Ring;
   const int tid = threadIdx.x;
-  if (cfg::kLoaderConvertsV && tid >= 32 * cfg::kVConvWarp0) {
-    convert_v_role<kKv>(p, s, meta);
-    return;
-  }
   const bool per_token = per_token_scales<kKv>(p);
   const bool issuer = tid < 32;  // warp 0 walks the pages; its lane 0 issues the copies
   if (!per_token && !issuer) return;
-  // Per-token scales: kScaleThreads threads publish a tile's 64 K and 64 V scales with
-  // its K stage, one each (128 threads) or both of one token (64).
-  constexpr bool kBoth = cfg::kScaleThreads == cfg::kTileN;
   Walker w0;
   w0.init(meta);
   PageWindows pw;
@@ -265,8 +232,7 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   LaneSeqLens lens;
   HalfCursor cur;
   cur.init(meta, p, lens);
-  float scale_next = per_token ? load_token_scale(p, cur, h, !kBoth && tid >= cfg::kTileN) : 0.f;
-  float v_scale_next = per_token && kBoth ? load_token_scale(p, cur, h, true) : 0.f;
+  float scale_next = per_token ? load_token_scale(p, cur, h) : 0.f;
   // (events wait for the value they are about: written only if it is not INT_MIN)
   MFA_PROF(if (tid == 0 && prof_rec && lens.v != INT_MIN) prof_rec[prof::kEvLoaderReady] = prof::gtime();)
   uint32_t t = 0;
@@ -279,17 +245,10 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
       HalfCursor ahead = cur;
       ahead.next(p, lens);
       ahead.next(p, lens);
-      const float scale = scale_next, v_scale = v_scale_next;
-      scale_next = load_token_scale(p, ahead, h, !kBoth && tid >= cfg::kTileN);
-      if (kBoth) v_scale_next = load_token_scale(p, ahead, h, true);
-      if (kBoth) {
-        s.k_scale[ks][tid] = scale;
-        s.v_scale[t % Ring::kVScaleSlots][tid] = v_scale;
-      } else if (tid < cfg::kTileN) {
-        s.k_scale[ks][tid] = scale;
-      } else {
-        s.v_scale[t % Ring::kVScaleSlots][tid - cfg::kTileN] = scale;
-      }
+      const float scale = scale_next;
+      scale_next = load_token_scale(p, ahead, h);
+      if (tid < cfg::kTileN) s.k_scale[ks][tid] = scale;
+      else s.v_scale[t % Ring::kVScaleSlots][tid - cfg::kTileN] = scale;
       ptx::mbar_arrive(&s.raw_k_full[ks]);
     }
     MFA_PROF_LAP(pa, prof::kLdScales - prof::kLdWaitKFree, mark);

@@ -53,7 +53,6 @@ struct alignas(1024) Smem {
   float2 row_ml[cfg::kNumConsumerWg][cfg::kRowsPerCta];  // epilogue: (max, sum) per row of consumer c
   uint64_t raw_k_full[Ring::kKStages], raw_k_empty[Ring::kKStages];  // copy (+ scales) -> consumer -> issue
   uint64_t raw_v_full[Ring::kVStages], raw_v_empty[Ring::kVStages];  // copy -> V converter -> issue
-  uint64_t vop_full[cfg::kVopBuffers], vop_empty[cfg::kVopBuffers];  // kLoaderConvertsV: converters <-> consumer c
 #ifdef AFDKIT_MFA_PROFILE
   uint32_t prof_issue[Ring::kKStages];  // %clock when each K stage's copy was issued
 #endif
