@@ -21,12 +21,13 @@ wheel() {  # NAME [ENV=VALUE ...]: a wheel of the patched tree in $TMP/wheel_NAM
 wheel default PATCH=1 & WA=$!
 wheel loader_v CUDAFLAGS=-DAFDKIT_MFA_LOADER_V & WB=$!
 OUT=$L bash dev/mfa/ab_check.sh e2 e1=-DAFDKIT_MFA_EPILOGUE_V1 st=-DAFDKIT_MFA_STAGED_STORES lv=-DAFDKIT_MFA_LOADER_V \
+  n64=-DAFDKIT_MFA_QK_N64 "lvn64=-DAFDKIT_MFA_LOADER_V -DAFDKIT_MFA_QK_N64" \
   prof=-DAFDKIT_MFA_PROFILE "proflv=-DAFDKIT_MFA_PROFILE -DAFDKIT_MFA_LOADER_V" > "$L/ab.out" 2>&1
 el ab
 grep -E "^== [a-z0-9]+ \(|^batch|back-to|ab_check" "$L/ab.out" | cut -c1-160 | head -40
 awk '/^== sweep /{p=1} /^== profile/{p=0} p' "$L/ab.out" | cut -c1-120
 grep -A1 "^== profile" "$L/ab.out" | grep -E "timeline|== profile" | cut -c1-720
-for v in e2 lv st; do
+for v in e2 lv st lvn64; do
   timeout 60 compute-sanitizer --tool memcheck "${AB_WORK:-$TMP/afdkit-ab}/$v/h" --small > "$L/memcheck_$v.log" 2>&1
   echo "memcheck $v rc=$? $(tail -1 "$L/memcheck_$v.log")"
 done
