@@ -437,14 +437,17 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
                     if (rec(i, prof::kCons + prof::kTiles) > 0) lo = std::min(lo, rec(i, prof::kT0)), hi = std::max(hi, rec(i, prof::kT0));
                   return hi > lo ? (hi - lo) * 1e-3 : 0.;
                 }());
+    const char* sep = "";  // events no CTA recorded are left out, so the separator goes before each
     for (int k = 0; k < kEvents; ++k) {
       std::vector<double> v;
       for (int i = 0; i < ctas; ++i)
         if (rec(i, prof::kCons + prof::kTiles) > 0 && rec(i, ev[k]) > 0) v.push_back((rec(i, ev[k]) - rec(i, prof::kT0)) * 1e-3);
       if (v.empty()) continue;
       std::sort(v.begin(), v.end());
-      std::printf(" %s %.2f / %.2f%s", names[k], v[v.size() / 2], v.back(), k < kEvents - 1 ? " |" : "\n");
+      std::printf("%s %s %.2f / %.2f", sep, names[k], v[v.size() / 2], v.back());
+      sep = " |";
     }
+    std::printf("\n");
   }
   const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
   std::printf("  loader (thread 0) cycles/tile: wait_k_free %7.0f  scales %7.0f  issue %7.0f  wait_v_free %7.0f\n",
