@@ -67,7 +67,7 @@ done
 for name in "${names[@]}"; do
   profiled "$name" || continue
   timeout 120 "$WORK/$name/h" --profile > "$LOGS/$name.profile.log" 2>&1 || status=1
-  echo "== profile $name"; grep -E '^== profile|timeline' "$LOGS/$name.profile.log" | cut -c1-720
+  echo "== profile $name"; grep -E '^== profile|timeline' "$LOGS/$name.profile.log" | cut -c1-1000
 done
 echo "ab_check: $([ $status = 0 ] && echo OK || echo FAIL) (logs in $LOGS)"
 exit $status

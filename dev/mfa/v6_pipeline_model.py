@@ -27,7 +27,7 @@ was last written to it; every read checks it at its start and end, and a write (
 landing) into a buffer being read fails the run, as does a state in which no actor can
 move (deadlock) or more arrivals than a barrier's count in one phase.
 
-With the loader converting V (`AFDKIT_MFA_LOADER_V` of dev/pending/mfa-epilogue-loader-v.patch,
+With the loader converting V (`AFDKIT_MFA_LOADER_V` of dev/mfa/variants/v6-epilogue-loader-v-switches.patch, slower on the GPU;
 configurations `*-lv`): loader warps
 2-3 (one actor, 64 arrivals) walk the tiles in order: wait raw_v_full, wait vop_empty[j % 2]
 (j >= 2: consumer j % 2 finished PV(j - 2)), convert into v_op[j % 2], release the V
