@@ -5,6 +5,8 @@
 #      (`start`, `profstart`): correctness (13 cases each), timing, the CTA timelines
 #      with the start events; compute-sanitizer memcheck `--small` on both;
 #   2. a wheel of main + n64 + start-loads: `pytest -m gpu tests/test_mfa.py`, bench_mfa.
+#   3. the harness of main + n64 + start-loads + plan-fed start (`fed`, and `pl` = the same
+#      build planning without the block table): the plan-fed start's A/B.
 # If start-loads fails and n64 passes, land n64 alone after a wheel run of it.
 # Logs under $OUT/logs; the summary lines print as each step ends.
 set -uo pipefail
@@ -45,4 +47,13 @@ python3 -m pip install -q --no-deps --force-reinstall --no-index "$TMP"/wheel_st
 grep -E "^E .*assert|FAILED|^E +[A-Z][a-z]+Error" "$L/pytest_mfa_start.log" | sort | uniq -c | head -8
 (cd "$TMP" && timeout 100 python3 "$W2/bench/bench_mfa.py" --out "$L/bench_mfa_start.json" > "$L/bench_mfa_start.log" 2>&1; echo "bench rc=$?")
 grep -E "^ +(1|8|64|128) +(4096|32768) +[12] " "$L/bench_mfa_start.log"; tail -1 "$L/bench_mfa_start.log"
+el "landing candidate done"
+W3=$TMP/afdkit-n64-start-fed; rm -rf "$W3"; mkdir -p "$W3"; cp -r "$W2/." "$W3/"; rm -rf "$W3/build"
+if (cd "$W3" && git apply dev/pending/mfa-plan-fed-start.patch); then
+  (cd "$W3" && AB_WORK=$TMP/ab_fed OUT=$L/fed timeout 240 bash dev/mfa/ab_check.sh fed pl=-DAFDKIT_MFA_HARNESS_PLAIN_PLAN \
+     proffed=-DAFDKIT_MFA_PROFILE > "$L/ab_fed.out" 2>&1)
+  el "harness plan-fed"; summary "$L/ab_fed.out"
+else
+  echo "FAIL: the plan-fed patch does not apply after n64 + start-loads"
+fi
 el done
