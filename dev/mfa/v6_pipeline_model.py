@@ -27,14 +27,6 @@ was last written to it; every read checks it at its start and end, and a write (
 landing) into a buffer being read fails the run, as does a state in which no actor can
 move (deadlock) or more arrivals than a barrier's count in one phase.
 
-With the loader converting V (`AFDKIT_MFA_LOADER_V` of dev/mfa/variants/v6-epilogue-loader-v-switches.patch, slower on the GPU;
-configurations `*-lv`): loader warps
-2-3 (one actor, 64 arrivals) walk the tiles in order: wait raw_v_full, wait vop_empty[j % 2]
-(j >= 2: consumer j % 2 finished PV(j - 2)), convert into v_op[j % 2], release the V
-stage (64 arrivals), arrive on vop_full[j % 2]; the consumer waits vop_full instead of
-converting and arrives on vop_empty (4 warps) after its PV; per-token scales are
-published by threads 0..63, each storing a K and a V scale (raw_k_full count 1 + 64).
-
 Configurations: fp8 (KS, VS) = (3, 4), bf16 (2, 2), per-tensor or per-token scales.
 bf16 with per-token scales is not instantiated by the kernel (per_token_scales is fp8
 only); it is checked as a stricter ring shape (KS = 2).
@@ -73,11 +65,9 @@ def _load_v5_model():
 _v5 = _load_v5_model()
 Barrier, ModelError = _v5.Barrier, _v5.ModelError
 
-CONFIGS = {"fp8-tensor": (3, 4, False, False), "fp8-token": (3, 4, True, False),
-           "bf16-tensor": (2, 2, False, False), "bf16-token": (2, 2, True, False),
-           "fp8-tensor-lv": (3, 4, False, True), "fp8-token-lv": (3, 4, True, True),
-           "bf16-tensor-lv": (2, 2, False, True)}
-MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait", "no_vop_empty_wait")
+CONFIGS = {"fp8-tensor": (3, 4, False), "fp8-token": (3, 4, True),
+           "bf16-tensor": (2, 2, False), "bf16-token": (2, 2, True)}
+MUTATIONS = ("few_v_scale_slots", "no_k_empty_wait", "early_k_release", "no_v_empty_wait")
 
 
 @dataclass
@@ -88,7 +78,6 @@ class Config:
     per_token: bool
     segments: list[int]  # tiles per segment (0 = an empty sequence visited by the part)
     mutate: str = ""
-    loader_v: bool = False  # V converted by loader warps 2-3 (AFDKIT_MFA_LOADER_V)
 
     @property
     def v_slots(self) -> int:
@@ -110,16 +99,12 @@ class State:
 
 def make_state(cfg: Config) -> State:
     st = State(cfg, tiles=sum(cfg.segments))
-    scale_threads_n = 64 if cfg.loader_v else 128
     for s in range(cfg.k_stages):
-        st.bars[("raw_k_full", s)] = Barrier(1 + (scale_threads_n if cfg.per_token else 0), f"raw_k_full[{s}]")
+        st.bars[("raw_k_full", s)] = Barrier(1 + (128 if cfg.per_token else 0), f"raw_k_full[{s}]")
         st.bars[("raw_k_empty", s)] = Barrier(4, f"raw_k_empty[{s}]")  # the tile's consumer's 4 warps
     for s in range(cfg.v_stages):
         st.bars[("raw_v_full", s)] = Barrier(1, f"raw_v_full[{s}]")
-        st.bars[("raw_v_empty", s)] = Barrier(64 if cfg.loader_v else 128, f"raw_v_empty[{s}]")  # its converters
-    for c in range(2):
-        st.bars[("vop_full", c)] = Barrier(64, f"vop_full[{c}]")
-        st.bars[("vop_empty", c)] = Barrier(4, f"vop_empty[{c}]")
+        st.bars[("raw_v_empty", s)] = Barrier(128, f"raw_v_empty[{s}]")  # its 128 threads
     return st
 
 
@@ -170,8 +155,6 @@ def loader0(st: State, rng: random.Random):
             yield from wait(st, ("raw_k_empty", ks), ((t // cfg.k_stages) & 1) ^ 1)
         if cfg.per_token:
             write(st, ("k_scale", ks, 0), ("ks", t))  # thread 0 < 64: a K scale
-            if cfg.loader_v:  # and, with 64 scale threads, the V scale of its token
-                write(st, ("v_scale", t % cfg.v_slots, 0), ("vs", t))
             st.bars[("raw_k_full", ks)].arrive()
             yield ("step",)
         issue(st, rng, "k", ks, t)
@@ -183,34 +166,18 @@ def loader0(st: State, rng: random.Random):
 
 
 def scale_threads(st: State, v_group: bool):
-    """Loader threads 1..63 (K scales, and V scales with the loader converting V) or
-    64..127 (V scales); per-token scales only."""
+    """Loader threads 1..63 (K scales) or 64..127 (V scales); per-token scales only."""
     cfg = st.cfg
     for t in range(st.tiles):
         ks = t % cfg.k_stages
         if t >= cfg.k_stages and "no_k_empty_wait" not in cfg.mutate:
             yield from wait(st, ("raw_k_empty", ks), ((t // cfg.k_stages) & 1) ^ 1)
-        if v_group or cfg.loader_v:
-            write(st, ("v_scale", t % cfg.v_slots, 1), ("vs", t))
-        if not v_group:
+        if v_group:
+            write(st, ("v_scale", t % cfg.v_slots), ("vs", t))
+        else:
             write(st, ("k_scale", ks, 1), ("ks", t))
         st.bars[("raw_k_full", ks)].arrive(64 if v_group else 63)
         yield ("step",)
-
-
-def v_converters(st: State):
-    """Loader warps 2-3 converting V (AFDKIT_MFA_LOADER_V), tile by tile in order."""
-    cfg = st.cfg
-    for j in range(st.tiles):
-        vs, c = j % cfg.v_stages, j % 2
-        yield from wait(st, ("raw_v_full", vs), (j // cfg.v_stages) & 1)
-        if j >= 2 and "no_vop_empty_wait" not in cfg.mutate:
-            yield from wait(st, ("vop_empty", c), ((j // 2) & 1) ^ 1)
-        yield from read(st, f"converters reading V({j})", {("raw_v", vs): ("V", j)})
-        write(st, ("v_op", c), ("V", j))
-        yield ("step",)
-        st.bars[("raw_v_empty", vs)].arrive(64)
-        st.bars[("vop_full", c)].arrive(64)
 
 
 def named_bar(st: State, c: int):
@@ -225,13 +192,10 @@ def consume_tile(st: State, c: int, j: int, seg: int):
     cfg = st.cfg
     ks, vs = j % cfg.k_stages, j % cfg.v_stages
     q = {("q", h): ("Q", seg) for h in range(2)}
-    if cfg.loader_v:
-        yield from wait(st, ("vop_full", c), (j // 2) & 1)
-    else:
-        yield from wait(st, ("raw_v_full", vs), (j // cfg.v_stages) & 1)
-        yield from read(st, f"consumer {c} converting V({j})", {("raw_v", vs): ("V", j)})
-        write(st, ("v_op", c), ("V", j))
-        st.bars[("raw_v_empty", vs)].arrive(128)
+    yield from wait(st, ("raw_v_full", vs), (j // cfg.v_stages) & 1)
+    yield from read(st, f"consumer {c} converting V({j})", {("raw_v", vs): ("V", j)})
+    write(st, ("v_op", c), ("V", j))
+    st.bars[("raw_v_empty", vs)].arrive(128)
     yield from wait(st, ("raw_k_full", ks), (j // cfg.k_stages) & 1)
     yield from read(st, f"consumer {c} QK^T({j})", {("raw_k", ks): ("K", j), **q})
     early = "early_k_release" in cfg.mutate
@@ -243,12 +207,8 @@ def consume_tile(st: State, c: int, j: int, seg: int):
         st.bars[("raw_k_empty", ks)].arrive(4)
     yield from read(st, f"consumer {c} softmax({j})", {("row_mult", h): ("Q", seg) for h in range(2)})
     if cfg.per_token:
-        parts = (0, 1) if cfg.loader_v else (1,)
-        yield from read(st, f"consumer {c} P x V scales({j})",
-                        {("v_scale", j % cfg.v_slots, p): ("vs", j) for p in parts})
+        yield from read(st, f"consumer {c} P x V scales({j})", {("v_scale", j % cfg.v_slots): ("vs", j)})
     yield from read(st, f"consumer {c} PV({j})", {("v_op", c): ("V", j)})
-    if cfg.loader_v:
-        st.bars[("vop_empty", c)].arrive(4)
 
 
 def consumer(st: State, c: int):
@@ -299,10 +259,7 @@ def run_once(cfg: Config, rng: random.Random) -> None:
     actors = {"loader0": loader0(st, rng), "cons0": consumer(st, 0), "cons1": consumer(st, 1)}
     if cfg.per_token:  # per-tensor: threads 1..127 return at once
         actors["loader_k_scales"] = scale_threads(st, False)
-        if not cfg.loader_v:
-            actors["loader_v_scales"] = scale_threads(st, True)
-    if cfg.loader_v:
-        actors["v_converters"] = v_converters(st)
+        actors["loader_v_scales"] = scale_threads(st, True)
     speed = {a: rng.choice([0.2, 1.0, 1.0, 3.0]) for a in actors}  # some actors run far ahead
     copy_speed = rng.choice([0.3, 1.0, 3.0])                       # slow or fast copies
     waiting: dict[str, tuple] = {}  # actor -> (predicate, description) it is blocked on
@@ -325,9 +282,9 @@ def run_once(cfg: Config, rng: random.Random) -> None:
 
 def random_config(rng: random.Random, which: str, mutate: str) -> Config:
     name = rng.choice(sorted(CONFIGS)) if which == "mix" else which
-    ks, vs, per_token, loader_v = CONFIGS[name]
+    ks, vs, per_token = CONFIGS[name]
     segments = [rng.choice([0, 1, 1, 2, 3, 5, 8, 13]) for _ in range(rng.randint(1, 4))]
-    return Config(name, ks, vs, per_token, segments, mutate, loader_v)
+    return Config(name, ks, vs, per_token, segments, mutate)
 
 
 def main(argv: list[str] | None = None) -> int:
