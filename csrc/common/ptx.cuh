@@ -202,17 +202,6 @@ __device__ __forceinline__ void wgmma_m64n64k32_ss_e4m3(float (&d)[32], uint64_t
       : "l"(desc_a), "l"(desc_b), "r"(accumulate));
 }
 
-// D(64x32, f32) (+)= A(64x32, smem e4m3) * B(32x32, smem e4m3), both K-major.
-__device__ __forceinline__ void wgmma_m64n32k32_ss_e4m3(float (&d)[16], uint64_t desc_a, uint64_t desc_b,
-                                                        int accumulate) {
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n32k32.f32.e4m3.e4m3 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15}, %16, %17, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15])
-      : "l"(desc_a), "l"(desc_b), "r"(accumulate));
-}
-
 // D(64x128, f32) += A(64x16, registers) * B(16x128, smem, N-major i.e. transposed).
 template <class T>
 __device__ __forceinline__ void wgmma_m64n128k16_rs_tnspb(float (&d)[64], const uint32_t (&a)[4],

@@ -18,8 +18,15 @@ struct RowCoord {
   int token;  // q token i
   int head;   // query head within the kv head's group
 };
+// r must be < q_len * heads_per_kv (q_len <= cfg::kMaxQLen). Comparisons instead of a
+// division: a runtime integer division is a branchy sequence, and eight of them between
+// the Q loads of a segment split the code into blocks that ptxas does not hoist the
+// segment's other loads across (they then left one round trip after Q).
 __device__ __forceinline__ RowCoord row_coord(int r, int heads_per_kv) {
-  return {r / heads_per_kv, r % heads_per_kv};
+  int token = 0;
+#pragma unroll
+  for (int i = 1; i < cfg::kMaxQLen; ++i) token += r >= i * heads_per_kv ? 1 : 0;
+  return {token, r - token * heads_per_kv};
 }
 
 // Tokens visible to q token i: the new tokens are causal among themselves.

@@ -19,7 +19,11 @@ constexpr int kTileN = 64;            // KV tokens per tile (one wgmma N / K ste
 constexpr int kPlanOverheadTiles = 2; // cost of a (part, sequence) visit, in tiles:
                                       // Q load (32 KB = one fp8 tile) + epilogue
 constexpr int kPartMetaInts = 8;      // ints per part in PlanBuffers::part_meta
-constexpr int kBatchMetaInts = 2;     // ints per sequence in PlanBuffers::batch_meta
+// A part_meta row: the part's work (b0, t0) .. (b1, t1) in its first 16 bytes, which the
+// kernel reads in one load (the rest of the row is 0, reserved).
+constexpr int kMetaB0 = 0, kMetaT0 = 1, kMetaB1 = 2, kMetaT1 = 3;
+constexpr int kBatchMetaInts = 4;     // ints per sequence in PlanBuffers::batch_meta: splits,
+                                      // first partial slot, first part, 0 (one 16-byte load)
 constexpr int kPlanThreads = 32;
 
 // ---- sm90 kernel ---------------------------------------------------------------
@@ -87,5 +91,7 @@ static_assert(kLoaderRegs * kWarpgroup + kConsumerRegs * kWarpgroup * kNumConsum
               "setmaxnreg can only redistribute the registers the launch allocated");
 static_assert(kLoaderRegs % 8 == 0 && kConsumerRegs % 8 == 0, "setmaxnreg wants multiples of 8");
 static_assert(kTileN % 64 == 0, "a tile holds whole pages of 16, 32 or 64 tokens");
+static_assert(kPartMetaInts % 4 == 0 && kPartMetaInts >= 4 && kBatchMetaInts == 4,
+              "part_meta and batch_meta rows are read as 16-byte pieces");
 
 }  // namespace afdkit::mfa::cfg

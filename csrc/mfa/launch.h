@@ -64,8 +64,10 @@ struct PlanSizes {
 
 // Device buffers of one plan; written by plan(), read by decode().
 struct PlanBuffers {
-  int32_t* part_meta = nullptr;   // [num_sm_parts, 8]: b0, t0, split0, b1, t1 (tiles of 64)
-  int32_t* batch_meta = nullptr;  // [batch, 2]: num_splits, first partial slot
+  int32_t* part_meta = nullptr;   // [num_sm_parts, 8]: b0, t0, b1, t1 (tiles of 64), 0 x 4;
+                                  // 16-byte aligned
+  int32_t* batch_meta = nullptr;  // [batch, 4]: num_splits, first partial slot, first part, 0;
+                                  // 16-byte aligned
   int num_sm_parts = 0;
   float* o_partial = nullptr;     // [num_slots, q_len, num_q_heads, 256] fp32 (O / l)
   float* lse_partial = nullptr;   // [num_slots, q_len, num_q_heads] fp32

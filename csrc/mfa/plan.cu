@@ -21,18 +21,17 @@ namespace afdkit::mfa {
 namespace {
 
 struct PartMeta {  // mirrors PlanBuffers::part_meta rows
-  int b0, t0, split0, b1, t1;
+  int b0, t0, b1, t1;
 };
 
 __device__ void write_part(int32_t* meta, int part, const PartMeta& m) {
   int32_t* row = meta + part * cfg::kPartMetaInts;
-  row[0] = m.b0;
-  row[1] = m.t0;
-  row[2] = m.split0;
-  row[3] = m.b1;
-  row[4] = m.t1;
 #pragma unroll
-  for (int i = 5; i < cfg::kPartMetaInts; ++i) row[i] = 0;
+  for (int i = 0; i < cfg::kPartMetaInts; ++i) row[i] = 0;
+  row[cfg::kMetaB0] = m.b0;
+  row[cfg::kMetaT0] = m.t0;
+  row[cfg::kMetaB1] = m.b1;
+  row[cfg::kMetaT1] = m.t1;
 }
 
 // The greedy fill for a given per-part budget `target` (in tiles, visit overheads
@@ -59,7 +58,7 @@ __device__ int64_t fill_parts(const int32_t* seq_lens, int batch, int32_t* part_
       }
       if (first_part < 0) first_part = part;
       if (!open) {
-        cur = {b, t, part - first_part, b, t};
+        cur = {b, t, b, t};
         open = true;
       }
       used += cfg::kPlanOverheadTiles;
@@ -74,6 +73,8 @@ __device__ int64_t fill_parts(const int32_t* seq_lens, int batch, int32_t* part_
     if (write) {
       batch_meta[b * cfg::kBatchMetaInts + 0] = splits;
       batch_meta[b * cfg::kBatchMetaInts + 1] = splits > 1 ? slot : -1;
+      batch_meta[b * cfg::kBatchMetaInts + 2] = first_part;  // a part's split index = part - this
+      batch_meta[b * cfg::kBatchMetaInts + 3] = 0;
     }
     if (splits > 1) slot += splits;
   }
@@ -100,7 +101,7 @@ __global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_me
     cost += cdiv(max(seq_lens[b], 0), cfg::kTileN) + cfg::kPlanOverheadTiles;
 #pragma unroll
   for (int off = 16; off > 0; off /= 2) cost += __shfl_xor_sync(0xffffffffu, cost, off);
-  for (int part = lane; part < num_parts; part += 32) write_part(part_meta, part, {0, 0, 0, -1, 0});
+  for (int part = lane; part < num_parts; part += 32) write_part(part_meta, part, {0, 0, -1, 0});
   __syncwarp();
   if (lane != 0) return;
 
@@ -216,6 +217,8 @@ void plan(const int32_t* seq_lens, int batch, const PlanBuffers& pb, cudaStream_
   AFDKIT_CHECK(batch >= 0 && pb.num_sm_parts >= 1, "mfa.plan: batch must be >= 0 and num_sm_parts >= 1");
   AFDKIT_CHECK(pb.part_meta && (batch == 0 || (seq_lens && pb.batch_meta)),
                "mfa.plan: null seq_lens/part_meta/batch_meta");
+  AFDKIT_CHECK(reinterpret_cast<uintptr_t>(pb.part_meta) % 16 == 0 && reinterpret_cast<uintptr_t>(pb.batch_meta) % 16 == 0,
+               "mfa.plan: part_meta and batch_meta must be 16-byte aligned");
   plan_kernel<<<1, cfg::kPlanThreads, 0, stream>>>(seq_lens, batch, pb.part_meta, pb.batch_meta,
                                                    pb.num_sm_parts);
   AFDKIT_CHECK_LAUNCH();

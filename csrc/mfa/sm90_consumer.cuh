@@ -33,37 +33,47 @@ struct QRegs {
   uint4 v[cfg::kRowsPerCta / 8];
 };
 
-// Address of the 16-byte piece of Q row i (0..7) that thread `ct` of the
-// consumers loads, or nullptr past the CTA's valid rows.
-__device__ __forceinline__ const uint4* q_piece(const DecodeParams& p, int b, int h, int rb, int ct, int i) {
+// Address of the 16-byte piece of Q row i (0..7) that thread `ct` of the consumers
+// loads; rows past the CTA's valid rows (valid = false) point at the last valid row, so
+// the address is always readable and the loads need no branch: branches between the
+// eight loads split the code into blocks, and ptxas then waited for the segment's
+// scalar loads before issuing the Q loads (two round trips instead of one).
+struct QPiece {
+  const uint4* src;
+  bool valid;
+};
+__device__ __forceinline__ QPiece q_piece(const DecodeParams& p, int G, int b, int h, int rb, int ct, int i) {
   const int warp = ct / 32, lane = ct % 32;
-  const int G = p.num_q_heads / p.num_kv_heads;
+  const int rows = p.q_len * G;
   const int rg = rb * cfg::kRowsPerCta + warp + 8 * i;
-  if (rg >= p.q_len * G) return nullptr;
-  const RowCoord rc = row_coord(rg, G);
+  const RowCoord rc = row_coord(min(rg, rows - 1), G);
   const auto* src = static_cast<const __nv_bfloat16*>(p.q) + b * p.q_stride_b + rc.token * p.q_stride_t +
                     (h * G + rc.head) * p.q_stride_h + lane * 8;
-  return reinterpret_cast<const uint4*>(src);
+  return {reinterpret_cast<const uint4*>(src), rg < rows};
 }
 
 // One segment ahead, the consumers only prefetch Q into L2 (each 16-byte piece's
 // line; 4 threads share one): holding the loads in registers through the tile loop
 // would cost 32 registers that the consumers, at their cap with O, do not have.
-__device__ __forceinline__ void prefetch_q(const DecodeParams& p, int b, int h, int rb) {
+__device__ __forceinline__ void prefetch_q(const DecodeParams& p, int G, int b, int h, int rb) {
   const int ct = threadIdx.x - cfg::kWarpgroup;
   if (ct % 8 != 0) return;  // one thread per 128-byte line
 #pragma unroll
-  for (int i = 0; i < cfg::kRowsPerCta / 8; ++i)
-    if (const uint4* src = q_piece(p, b, h, rb, ct, i)) ptx::prefetch_l2(src);
+  for (int i = 0; i < cfg::kRowsPerCta / 8; ++i) {
+    const QPiece q = q_piece(p, G, b, h, rb, ct, i);
+    if (q.valid) ptx::prefetch_l2(q.src);
+  }
 }
 
+// Unconditional loads (padding rows read the last valid row) and a select.
 template <KvDtype kKv>
-__device__ __forceinline__ void fetch_q(const DecodeParams& p, int b, int h, int rb, QRegs& qr) {
+__device__ __forceinline__ void fetch_q(const DecodeParams& p, int G, int b, int h, int rb, QRegs& qr) {
   const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
 #pragma unroll
   for (int i = 0; i < cfg::kRowsPerCta / 8; ++i) {
-    const uint4* src = q_piece(p, b, h, rb, ct, i);
-    qr.v[i] = src ? __ldg(src) : make_uint4(0, 0, 0, 0);
+    const QPiece q = q_piece(p, G, b, h, rb, ct, i);
+    const uint4 v = __ldg(q.src);
+    qr.v[i] = q.valid ? v : make_uint4(0, 0, 0, 0);
   }
 }
 
@@ -181,40 +191,32 @@ __device__ __forceinline__ void mma_qk(Smem<kKv>& s, int stage, float (&acc)[32]
       // Hopper's fp8 wgmma keeps 13-14 bits in its accumulation (see docs/mfa-decode.md,
       // Numerics): the high Q term's K-steps get a fresh accumulator every kGroup steps,
       // added in fp32 on the CUDA cores. The low term is ~2^-4 of the high one, so its
-      // truncation error is too: it is chained (8 steps per 32-token half) straight into
-      // the S accumulator, whose chains run while the first high group is waited for.
-      // Per tile that is 8 / kGroup x 2 waits (16-register fresh accumulator per 32-token
-      // half) instead of 16 for promoting both terms.
+      // truncation error is too: it is chained (8 steps) straight into the S accumulator,
+      // whose chain runs while the first high group is waited for. Every wgmma covers all
+      // 64 tokens (n64, a 32-register fresh accumulator): 8 / kGroup waits per tile. The
+      // same promotion over two 32-token halves (16 registers, twice the waits) was
+      // 5-11 % slower at batch 8-128 (H100; bench/results/2026-12-07-h100-mfa-v6-switches.md).
       constexpr int kHalfSteps = kSteps / 2;  // K-steps of one Q term
       constexpr int kHiGroups = kHalfSteps / kGroup;
       static_assert(kHalfSteps % kGroup == 0, "promotion groups tile the high term's K-steps");
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        float(&ah)[16] = *reinterpret_cast<float(*)[16]>(&acc[16 * h]);
-        const uint32_t k_half = k_base + h * 32 * cfg::kSwizzleBytes;  // tokens 32h..32h+31
+      for (int st = kHalfSteps; st < kSteps; ++st)
+        ptx::wgmma_m64n64k32_ss_e4m3(acc, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
+                                     ptx::make_smem_desc(k_base + qk_e4m3_k_offset(st), 16, 1024), st > kHalfSteps);
+      float part[32];
 #pragma unroll
-        for (int st = kHalfSteps; st < kSteps; ++st)
-          ptx::wgmma_m64n32k32_ss_e4m3(ah, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
-                                       ptx::make_smem_desc(k_half + qk_e4m3_k_offset(st), 16, 1024), st > kHalfSteps);
-      }
-      float part[16];
-#pragma unroll
-      for (int i = 0; i < 2 * kHiGroups; ++i) {  // (half, high-term group)
-        const int h = i / kHiGroups, g = i % kHiGroups;
-        float(&ah)[16] = *reinterpret_cast<float(*)[16]>(&acc[16 * h]);
-        const uint32_t k_half = k_base + h * 32 * cfg::kSwizzleBytes;
-        if (i > 0) ptx::wgmma_fence();
+      for (int g = 0; g < kHiGroups; ++g) {
+        if (g > 0) ptx::wgmma_fence();
 #pragma unroll
         for (int st = g * kGroup; st < (g + 1) * kGroup; ++st)
-          ptx::wgmma_m64n32k32_ss_e4m3(part, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
-                                       ptx::make_smem_desc(k_half + qk_e4m3_k_offset(st), 16, 1024),
-                                       st > g * kGroup);
+          ptx::wgmma_m64n64k32_ss_e4m3(part, ptx::make_smem_desc(q_base + qk_e4m3_q_offset(st), 16, 1024),
+                                       ptx::make_smem_desc(k_base + qk_e4m3_k_offset(st), 16, 1024), st > g * kGroup);
         ptx::wgmma_commit();
         ptx::wgmma_wait<0>();
-        if (i == 0) ptx::fence_regs(acc);
+        if (g == 0) ptx::fence_regs(acc);
         ptx::fence_regs(part);
 #pragma unroll
-        for (int k = 0; k < 16; ++k) ah[k] += part[k];
+        for (int k = 0; k < 32; ++k) acc[k] += part[k];
       }
       return;
     }

@@ -25,21 +25,39 @@ namespace afdkit::mfa::sm90 {
 
 // Where a segment's rows go and the factor that finishes them, loaded at the
 // segment's start (see consumer_role): slot < 0 = the sequence is unsplit (bf16 out
-// and lse), else its partial slot (batch_meta: splits, first slot).
+// and lse), else its partial slot: batch_meta's first slot + this part's split index
+// (the part's index - the sequence's first part).
 struct SegmentOut {
   int64_t slot;
   float final_mult;  // per-tensor V scale, or undoes the per-token P shift
 };
-__device__ __forceinline__ SegmentOut load_segment_out(const DecodeParams& p, const PlanBuffers& pb, int b, int split) {
-  const int splits = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts);
-  const int first_slot = __ldg(pb.batch_meta + b * cfg::kBatchMetaInts + 1);
+__device__ __forceinline__ SegmentOut load_segment_out(const PlanBuffers& pb, int b, float final_mult) {
+  const int4 bm = __ldg(reinterpret_cast<const int4*>(pb.batch_meta + b * cfg::kBatchMetaInts));
+  const int splits = bm.x, first_slot = bm.y, first_part = bm.z;
   SegmentOut so;
-  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + split : -1;
-  so.final_mult = p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.v_scale)
-                  : p.scale_mode == ScaleMode::kPerToken ? 1.f / cfg::kPerTokenVShift
-                                                         : 1.f;
+  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + (static_cast<int>(blockIdx.x) - first_part) : -1;
+  so.final_mult = final_mult;
   return so;
 }
+
+// A float that reads as 1 where a per-tensor scale is not given (see CallScales).
+static __device__ const float kUnitScale = 1.f;
+
+// The per-call factors of the consumers, loaded once with the part's metadata and
+// without a branch (a scale pointer or kUnitScale): as conditional loads inside the
+// segment loop, ptxas issued the K scale's after the segment's first Q use, one more
+// round trip before Q could be stored.
+struct CallScales {
+  float q_mult;      // S accumulator -> log2-domain logit, before the per-row Q factor
+  float final_mult;  // per-tensor V scale, or undoes the per-token P shift
+  __device__ void load(const DecodeParams& p) {
+    const bool per_tensor = p.scale_mode == ScaleMode::kPerTensor;
+    const float ks = __ldg(per_tensor ? p.k_scale : &kUnitScale);
+    const float vs = __ldg(per_tensor ? p.v_scale : &kUnitScale);
+    q_mult = p.softmax_scale * cfg::kLog2e * ks;
+    final_mult = p.scale_mode == ScaleMode::kPerToken ? 1.f / cfg::kPerTokenVShift : vs;
+  }
+};
 
 // (max, sum) of consumer c's rows for the epilogue's merge.
 template <KvDtype kKv>
@@ -47,61 +65,51 @@ __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
   return s.row_ml[c];
 }
 
-// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
-// shared memory and writes the rows -- bf16 output and lse when the sequence is
-// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
-// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
-// their last QK^T here, and the next segment's Q is stored only after the
-// barrier at the top of the segment loop. A thread's slot in it is indexed by its
-// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
+// Epilogue, rounds 1-3: the consumers exchange their rescaled O halves through the Q
+// tile (both are past their last QK^T; the next segment's Q is stored only after the
+// barrier at the top of the segment loop) as 16-byte pieces, slot [k / 4][thread]:
+// a warp's access is 512 contiguous bytes. Consumer c ends with the merged dims
+// [128c, 128c + 128) (not yet divided by the sum) in o[0].
 template <KvDtype kKv>
-__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
-                             MFA_PROF(, unsigned long long* prof_ev)) {
-  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
-  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = rs.l[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv_sum[i] = l;  // this consumer's row sum until the merge below
-    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
-  const float final_mult = so.final_mult;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
-    const float m = fmaxf(rs.m[i], other.x);
-    const float m_use = m == -INFINITY ? 0.f : m;
-    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
-    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
-    m_merged[i] = m, l_merged[i] = l;
-    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
-  }
-  float* xbuf = reinterpret_cast<float*>(s.q);  // [64 accumulator elements][128 threads]
+__device__ __forceinline__ void merge_halves(Smem<kKv>& s, float (&o)[2][64], const float (&own_mult)[2], int c) {
+  const int t = threadIdx.x % cfg::kWarpgroup;
+  float4* xbuf = reinterpret_cast<float4*>(s.q);  // [16][128 threads] float4 = 32 KB
+  const auto scaled = [&](const float(&v)[64], int k4) {
+    return make_float4(v[4 * k4] * own_mult[0], v[4 * k4 + 1] * own_mult[0], v[4 * k4 + 2] * own_mult[1],
+                       v[4 * k4 + 3] * own_mult[1]);
+  };
+  const auto add = [&](float(&dst)[64], const float(&v)[64], int k4, float4 x) {
+    dst[4 * k4] = v[4 * k4] * own_mult[0] + x.x, dst[4 * k4 + 1] = v[4 * k4 + 1] * own_mult[0] + x.y;
+    dst[4 * k4 + 2] = v[4 * k4 + 2] * own_mult[1] + x.z, dst[4 * k4 + 3] = v[4 * k4 + 3] * own_mult[1] + x.w;
+  };
   if (c == 1) {  // round 1: consumer 1 hands over its dims [0, 128)
 #pragma unroll
-    for (int k = 0; k < 64; ++k) xbuf[k * cfg::kWarpgroup + t] = o[0][k] * own_mult[(k % 4) / 2];
+    for (int k4 = 0; k4 < 16; ++k4) xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[0], k4);
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
   if (c == 0) {  // round 2: consumer 0 merges dims [0, 128) and hands over [128, 256)
 #pragma unroll
-    for (int k = 0; k < 64; ++k) {
-      o[0][k] = o[0][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
-      xbuf[k * cfg::kWarpgroup + t] = o[1][k] * own_mult[(k % 4) / 2];
+    for (int k4 = 0; k4 < 16; ++k4) {
+      const float4 x = xbuf[k4 * cfg::kWarpgroup + t];
+      add(o[0], o[0], k4, x);
+      xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[1], k4);
     }
   }
   ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
   if (c == 1) {  // round 3: consumer 1 merges dims [128, 256) into o[0] (free since round 1)
 #pragma unroll
-    for (int k = 0; k < 64; ++k) o[0][k] = o[1][k] * own_mult[(k % 4) / 2] + xbuf[k * cfg::kWarpgroup + t];
+    for (int k4 = 0; k4 < 16; ++k4) add(o[0], o[1], k4, xbuf[k4 * cfg::kWarpgroup + t]);
   }
-  const float (&mine)[64] = o[0];  // this consumer's merged dims
-  const int64_t slot = so.slot;
+}
+
+// Epilogue, stores straight from the registers: 32 eight-byte stores per thread (each
+// warp instruction covers 8 rows x 32 B), the lse of each row by consumer 0.
+__device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const PlanBuffers& pb, const Segment& seg,
+                                                  int64_t slot, const float (&mine)[64], const float (&inv_sum)[2],
+                                                  const float (&m_merged)[2], const float (&l_merged)[2], int c, int h,
+                                                  int rb MFA_PROF(, unsigned long long* prof_ev)) {
+  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
+  const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
   MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev && mine[0] != __int_as_float(0x7fc1a5a5))
                prof_ev[prof::kEvEpiStores] = prof::gtime();)
 #pragma unroll
@@ -131,6 +139,44 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
       if (c == 0 && q == 0) pb.lse_partial[prow] = lse;
     }
   }
+}
+
+// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
+// shared memory and writes the rows -- bf16 output and lse when the sequence is
+// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
+// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
+// their last QK^T here, and the next segment's Q is stored only after the
+// barrier at the top of the segment loop. A thread's slot in it is indexed by its
+// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
+template <KvDtype kKv>
+__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
+                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
+                             MFA_PROF(, unsigned long long* prof_ev)) {
+  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
+  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = rs.l[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    inv_sum[i] = l;  // this consumer's row sum until the merge below
+    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
+  }
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
+  const float final_mult = so.final_mult;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
+    const float m = fmaxf(rs.m[i], other.x);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
+    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
+    m_merged[i] = m, l_merged[i] = l;
+    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
+  }
+  merge_halves(s, o, own_mult, c);
+  write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
 }
 
 // Consumer c's V of part-global tile j: wait for the copy, convert it into
@@ -169,6 +215,7 @@ __device__ __forceinline__ void consume_tile(const DecodeParams& p, Smem<kKv>& s
   return;
 #endif
   convert_own_v(s, c, j, min(cfg::kTileN, seg.seq_len - tile * cfg::kTileN) MFA_PROF(, pc, mark));
+  MFA_PROF(if (j == 0 && threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvFirstVConv] = prof::gtime();)
   float acc[32];
   ptx::mbar_wait(&s.raw_k_full[ks], (j / Ring::kKStages) & 1);
   MFA_PROF_LAP(pc, prof::kWaitK, mark);
@@ -195,8 +242,16 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   const int c = threadIdx.x / cfg::kWarpgroup - 1;
   const int t = threadIdx.x % cfg::kWarpgroup;
   const int G = p.num_q_heads / p.num_kv_heads, rows = p.q_len * G;
+  CallScales scales;
+  scales.load(p);
   Walker w;
   w.init(meta);
+  // An empty part leaves here. The test reads the scales too: ptxas sinks a load past an
+  // early exit that does not need it, and the K scale's load then left a round trip
+  // after the metadata's. (A part with no work and NaN-patterned scales just runs the
+  // empty loop below.)
+  if (w.done() && __float_as_uint(scales.q_mult) != 0xffffffffu && __float_as_uint(scales.final_mult) != 0xffffffffu)
+    return;
   MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_rec && w.b1 >= -1) prof_rec[prof::kEvConsMeta] = prof::gtime();)
   uint32_t tile_idx = 0;
   MFA_PROF(uint32_t pc[prof::kConsSlots] = {}; uint32_t mark = prof::clk();)
@@ -209,23 +264,28 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
   for (bool first = true; !w.done(); first = false) {
     MFA_PROF(mark = prof::clk(); ++pc[prof::kSegments];)
     const int b = w.b;
-    QRegs qr;
-    fetch_q<kKv>(p, b, h, rb, qr);
+    // The scalars before Q in the source: ptxas keeps the order of these independent
+    // loads, and with Q first it put the first use of Q (waiting for all eight pieces)
+    // before the scalar loads, a second round trip per segment start.
     const int len = first ? max(__ldg(p.seq_lens + b), 0) : next_len;
     next_len = b < w.b1 ? max(__ldg(p.seq_lens + b + 1), 0) : 0;
-    const SegmentOut so = load_segment_out(p, pb, b, b == w.b0 ? w.s0 : 0);
-    const float q_mult = p.softmax_scale * cfg::kLog2e * (p.scale_mode == ScaleMode::kPerTensor ? __ldg(p.k_scale) : 1.f);
+    const SegmentOut so = load_segment_out(pb, b, scales.final_mult);
+    QRegs qr;
+    fetch_q<kKv>(p, G, b, h, rb, qr);
     const Segment seg = w.take(len);
     // (the event waits for the loaded value: it is written only if the piece is not
     // this one bit pattern, which a bf16 pair of Q never has to be)
     MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec && qr.v[0].x != 0x7fc17fc1u)
                  prof_rec[prof::kEvQLoaded] = prof::gtime();)
+    MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec && qr.v[7].x != 0x7fc17fc1u)
+                 prof_rec[prof::kEvQAll] = prof::gtime();)
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);  // both done with the previous Q and row_mult
-    store_q(p, s, rb, qr, q_mult);
+    MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvQBarrier] = prof::gtime();)
+    store_q(p, s, rb, qr, scales.q_mult);
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
     MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvQStored] = prof::gtime();)
-    if (!w.done()) prefetch_q(p, w.b, h, rb);
+    if (!w.done()) prefetch_q(p, G, w.b, h, rb);
     RowState rs;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
@@ -275,6 +335,10 @@ __global__ void __launch_bounds__(cfg::kThreads, 1)
   if (threadIdx.x == 0 && prof_rec) prof_rec[prof::kT0] = prof::gtime();
 #endif
   if (threadIdx.x == 0) {
+    // The K tensor map's descriptor first: it depends on nothing, and the first K copy
+    // cannot start before the copy engine has it (the loader used to prefetch it only
+    // after its part's metadata had arrived).
+    ptx::prefetch_tensormap(&k_map);
     // raw_k_full: thread 0's expect_tx, plus one arrival per loader thread when it
     // publishes per-token scales with the stage.
     const uint32_t k_full_count = 1 + (per_token_scales<kKv>(p) ? cfg::kWarpgroup : 0);

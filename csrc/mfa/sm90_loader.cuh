@@ -224,11 +224,13 @@ __device__ void loader_role(const DecodeParams& p, Smem<kKv>& s, const int32_t* 
   if (!per_token && !issuer) return;
   Walker w0;
   w0.init(meta);
+  // The first block-table window and the lengths are requested together, right after
+  // the metadata: the window's load is unconditional (the per-token threads of warps
+  // 1-3 load one they never read) because inside `if (issuer)` ptxas issued it only after
+  // it had waited for the lengths, a third round trip before the first copy.
   PageWindows pw;
-  if (issuer) {
-    ptx::prefetch_tensormap(k_map);
-    pw.start(p, w0);
-  }
+  pw.start(p, w0);
+  if (issuer) ptx::prefetch_tensormap(k_map);
   LaneSeqLens lens;
   HalfCursor cur;
   cur.init(meta, p, lens);

@@ -36,7 +36,10 @@ enum Slot : int {
   kEvKIssued,      // loader: the first K tile's boxes issued (before the V copy)
   kEvEpiBothIn,    // consumer 0: past the first barrier of its last epilogue (consumer 1 is there too)
   kEvEpiStores,    // consumer 0: merge done, its last epilogue's stores start
-  kRecordSlots,    // 44
+  kEvQAll,         // consumer 0 (thread 0): all eight of its first Q pieces back in registers
+  kEvQBarrier,     // consumer 0: past the barrier before its first Q store (consumer 1 there too)
+  kEvFirstVConv,   // consumer 0: its first V tile converted (before the first K wait)
+  kRecordSlots,    // 47
 };
 enum ConsSlot : int {
   kTiles = 0,

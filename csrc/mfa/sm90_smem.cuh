@@ -75,13 +75,19 @@ __device__ __forceinline__ uint32_t op_chunk_offset(int row, int chunk) {
 
 // ---- the work of one part: consecutive (sequence, tile range) segments ---------
 struct Segment {
-  int b, seq_len, lo, hi, split;  // tiles [lo, hi) of sequence b; split index of this part
+  int b, seq_len, lo, hi;  // tiles [lo, hi) of sequence b
 };
 
 struct Walker {
-  int b, b0, t0, s0, b1, t1;
+  int b, b0, t0, b1, t1;
+  // The walk in one 16-byte load: as five scalar loads (with the split index, now derived
+  // from batch_meta) it took two round trips, ptxas sinking the last three past the
+  // empty-part exit.
   __device__ void init(const int32_t* meta) {
-    b0 = meta[0], t0 = meta[1], s0 = meta[2], b1 = meta[3], t1 = meta[4];
+    static_assert(cfg::kMetaB0 == 0 && cfg::kMetaT0 == 1 && cfg::kMetaB1 == 2 && cfg::kMetaT1 == 3,
+                  "the walk is the row's first 16 bytes");
+    const int4 a = __ldg(reinterpret_cast<const int4*>(meta));
+    b0 = a.x, t0 = a.y, b1 = a.z, t1 = a.w;
     b = b0;
   }
   __device__ bool done() const { return b > b1; }
@@ -92,7 +98,6 @@ struct Walker {
     s.seq_len = seq_len;
     s.lo = b == b0 ? t0 : 0;
     s.hi = b == b1 ? t1 : cdiv(seq_len, cfg::kTileN);
-    s.split = b == b0 ? s0 : 0;
     ++b;
     return s;
   }

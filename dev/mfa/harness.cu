@@ -30,6 +30,7 @@
 #include <string>
 #include <vector>
 
+#include "mfa/config.h"
 #include "mfa/launch.h"
 #include "mfa/sm90_profile.cuh"
 
@@ -374,8 +375,9 @@ static std::vector<int> tiles_per_part(const DevBuf<int32_t>& pm, int parts, int
   const int n = (len + 63) / 64;
   std::vector<int> tiles(parts, 0);
   for (int i = 0; i < parts; ++i) {
-    const int32_t* r = m.data() + size_t(i) * 8;
-    for (int b = r[0]; b <= r[3]; ++b) tiles[i] += (b == r[3] ? r[4] : n) - (b == r[0] ? r[1] : 0);
+    const int32_t* r = m.data() + size_t(i) * cfg::kPartMetaInts;
+    const int b0 = r[cfg::kMetaB0], t0 = r[cfg::kMetaT0], b1 = r[cfg::kMetaB1], t1 = r[cfg::kMetaT1];
+    for (int b = b0; b <= b1; ++b) tiles[i] += (b == b1 ? t1 : n) - (b == b0 ? t0 : 0);
   }
   return tiles;
 }
@@ -423,13 +425,15 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
               " kernel span %.1f us\n", name, ctas, active, tl_min, tl_max, d_min, active ? d_sum / active : 0.,
               d_max, (t_max - t_min) * 1e-3);
   {  // first-segment events of the CTAs with tiles, us after the CTA's entry: median / max
-    constexpr int kEvents = 12;
+    constexpr int kEvents = 15;
     const int ev[kEvents] = {prof::kEvConsMeta, prof::kEvLoaderReady, prof::kEvPagesReady, prof::kEvKIssued,
-                             prof::kEvFirstIssue, prof::kEvQLoaded, prof::kEvQStored, prof::kEvFirstK,
-                             prof::kEvEpilogue, prof::kEvEpiBothIn, prof::kEvEpiStores, prof::kT1Cons0};
+                             prof::kEvFirstIssue, prof::kEvQLoaded, prof::kEvQAll, prof::kEvQBarrier,
+                             prof::kEvQStored, prof::kEvFirstVConv, prof::kEvFirstK, prof::kEvEpilogue,
+                             prof::kEvEpiBothIn, prof::kEvEpiStores, prof::kT1Cons0};
     const char* names[kEvents] = {"cons0 has meta", "loader has lengths", "page ids", "K issued",
-                                  "first copies issued", "Q loaded", "Q stored", "first K landed",
-                                  "last epilogue starts", "both consumers in it", "its stores start", "cons0 ends"};
+                                  "first copies issued", "Q loaded", "all Q pieces", "Q barrier", "Q stored",
+                                  "first V converted", "first K landed", "last epilogue starts",
+                                  "both consumers in it", "its stores start", "cons0 ends"};
     std::printf("  CTA timeline (us after entry, median / max over CTAs with tiles; kernel start spread %.1f us):",
                 [&] {
                   double lo = 1e300, hi = 0;
