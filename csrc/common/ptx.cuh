@@ -127,6 +127,14 @@ __device__ __forceinline__ uint16_t cvt_f32x2_e4m3x2(float lo, float hi) {
   return out;
 }
 
+// f16x2 (low half = element 0) -> two e4m3 codes (low byte = element 0), round to
+// nearest, saturating.
+__device__ __forceinline__ uint16_t cvt_f16x2_e4m3x2(uint32_t halves) {
+  uint16_t out;
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(out) : "r"(halves));
+  return out;
+}
+
 // Packs two floats into one 16-bit pair of the wgmma operand type (low = first).
 template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {

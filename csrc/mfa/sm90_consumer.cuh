@@ -77,6 +77,7 @@ __device__ __forceinline__ void fetch_q(const DecodeParams& p, int G, int b, int
   }
 }
 
+#ifdef AFDKIT_MFA_Q_CONVERT_V1  // the first conversion (fp32 per element, frexp and a division per row)
 // fp8 path: 8 scaled Q values of row r, dims [8 lane, +8), as two e4m3 terms
 // hi = e4m3(x), lo = e4m3(x - hi), so that (hi + lo) . K keeps ~7 mantissa bits of
 // Q (one e4m3 term alone would cost ~3 % in the logits). Each term is a 64 x 256
@@ -157,6 +158,107 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
     if (lane == 0) s.row_mult[r] = rg < rows ? base_mult / qf : 0.f;
   }
 }
+#else
+// Q rows -> operand tile, scaled per row by a power of two qf that puts the row's
+// |max| in [128, 256) (fp16 range and precision for any input); row_mult = 1 / qf
+// times softmax_scale * log2(e) (* k_scale per tensor). This conversion is the critical
+// path of a CTA's start (all Q pieces in registers -> Q in shared memory), so it is
+// written for few instructions: the scale comes from the bf16 exponent bits of the
+// row's |max| (no frexp, no division), two rows share each shuffle (bf16x2), the
+// scaling is one exact bf16x2 multiply, and the fp8 terms are split in f16x2.
+struct QRowScale {
+  float qf;   // 2^k
+  float inv;  // 2^-k
+};
+// `amax` = the row's |max| as bf16 bits (low 16 bits). amax in [2^(e-127), 2^(e-126))
+// for biased exponent e, so qf = 2^(134 - e); zero and subnormal rows (e = 0) and
+// inf/NaN (e = 255) keep qf = 1, and |max| < 2^-119 (e < 8) is clamped to 2^126.
+__device__ __forceinline__ QRowScale q_row_scale(uint32_t amax) {
+  const int e = static_cast<int>((amax >> 7) & 0xffu);
+  const int k = (e == 0 || e == 255) ? 0 : min(134 - e, 126);
+  return {__int_as_float((127 + k) << 23), __int_as_float((127 - k) << 23)};
+}
+
+__device__ __forceinline__ __nv_bfloat162 as_bf162(uint32_t w) { return *reinterpret_cast<__nv_bfloat162*>(&w); }
+__device__ __forceinline__ uint32_t as_u32(__nv_bfloat162 v) { return *reinterpret_cast<uint32_t*>(&v); }
+
+// |max| over one 16-byte piece (8 bf16), as a bf16x2 of two candidates.
+__device__ __forceinline__ __nv_bfloat162 piece_absmax(const uint4& v) {
+  return __hmax2(__hmax2(__habs2(as_bf162(v.x)), __habs2(as_bf162(v.y))),
+                 __hmax2(__habs2(as_bf162(v.z)), __habs2(as_bf162(v.w))));
+}
+
+// Row |max| of rows a (low half) and b (high half) over the warp's 32 lanes.
+__device__ __forceinline__ uint32_t row_pair_absmax(const uint4& a, const uint4& b) {
+  const uint32_t ma = as_u32(piece_absmax(a)), mb = as_u32(piece_absmax(b));
+  __nv_bfloat162 m = __hmax2(as_bf162(__byte_perm(ma, mb, 0x5410)), as_bf162(__byte_perm(ma, mb, 0x7632)));
+#pragma unroll
+  for (int off = 16; off > 0; off /= 2) m = __hmax2(m, as_bf162(__shfl_xor_sync(0xffffffffu, as_u32(m), off)));
+  return as_u32(m);
+}
+
+// One word of Q (2 bf16) times qf (exact: a power of two, |result| < 256) -> e4m3 codes
+// of hi = e4m3(x) and lo = e4m3(x - hi) (x in f16: exact for the bf16 mantissa, and the
+// difference of two nearby f16 is exact).
+__device__ __forceinline__ void q_word_e4m3_terms(uint32_t w, __nv_bfloat162 qf2, uint16_t& hi, uint16_t& lo) {
+  const uint32_t x = as_u32(__hmul2(as_bf162(w), qf2));
+  const __half2 h = __floats2half2_rn(__uint_as_float(x << 16), __uint_as_float(x & 0xffff0000u));
+  hi = ptx::cvt_f16x2_e4m3x2(*reinterpret_cast<const uint32_t*>(&h));
+  const uint32_t back = ptx::cvt_e4m3x2_f16x2(hi);
+  const __half2 d = __hsub2(h, *reinterpret_cast<const __half2*>(&back));
+  lo = ptx::cvt_f16x2_e4m3x2(*reinterpret_cast<const uint32_t*>(&d));
+}
+
+// Row r's piece of this lane (dims [8 lane, +8)) -> the operand tile. fp8: two e4m3
+// terms (hi, lo: (hi + lo) . K keeps ~7 mantissa bits of Q; one term alone would cost
+// ~3 % in the logits), each a 64 x 256 e4m3 tile (16 KB: two 128-byte-swizzled column
+// blocks), this lane writing 8 bytes, half of 16-byte chunk lane / 2. bf16: one tile.
+template <KvDtype kKv>
+__device__ __forceinline__ void store_q_row(Smem<kKv>& s, int r, int lane, const uint4& v, QRowScale sc) {
+  const __nv_bfloat162 qf2 = __float2bfloat162_rn(sc.qf);
+  if constexpr (Traits<kKv>::kFp8) {
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    uint16_t hi[4], lo[4];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) q_word_e4m3_terms(w[j], qf2, hi[j], lo[j]);
+    const uint32_t off = op_chunk_offset(r, lane >> 1) + (lane & 1) * 8;
+    *reinterpret_cast<uint2*>(s.q + off) = make_uint2(hi[0] | (static_cast<uint32_t>(hi[1]) << 16),
+                                                      hi[2] | (static_cast<uint32_t>(hi[3]) << 16));
+    *reinterpret_cast<uint2*>(s.q + kQTermBytes + off) = make_uint2(lo[0] | (static_cast<uint32_t>(lo[1]) << 16),
+                                                                    lo[2] | (static_cast<uint32_t>(lo[3]) << 16));
+  } else {
+    static_assert(std::is_same_v<typename Traits<kKv>::Op, __nv_bfloat16>, "bf16 caches use a bf16 operand");
+    const uint4 x = make_uint4(as_u32(__hmul2(as_bf162(v.x), qf2)), as_u32(__hmul2(as_bf162(v.y), qf2)),
+                               as_u32(__hmul2(as_bf162(v.z), qf2)), as_u32(__hmul2(as_bf162(v.w), qf2)));
+    *reinterpret_cast<uint4*>(s.q + op_chunk_offset(r, lane)) = x;
+  }
+}
+
+template <KvDtype kKv>
+__device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int rb, const QRegs& qr,
+                                        float base_mult) {
+  constexpr int kR = cfg::kRowsPerCta / 8;
+  static_assert(kR % 2 == 0, "rows are converted in pairs");
+  const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
+  const int warp = ct / 32, lane = ct % 32;
+  const int rows = p.q_len * (p.num_q_heads / p.num_kv_heads);
+#ifdef AFDKIT_MFA_Q_ROLLED
+#pragma unroll 1
+#else
+#pragma unroll
+#endif
+  for (int i = 0; i < kR; i += 2) {
+    const uint32_t m = row_pair_absmax(qr.v[i], qr.v[i + 1]);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int r = warp + 8 * (i + h);
+      const QRowScale sc = q_row_scale(m >> (16 * h));
+      store_q_row(s, r, lane, qr.v[i + h], sc);
+      if (lane == 0) s.row_mult[r] = rb * cfg::kRowsPerCta + r < rows ? base_mult * sc.inv : 0.f;
+    }
+  }
+}
+#endif  // AFDKIT_MFA_Q_CONVERT_V1
 
 // fp8 K-step `st` of QK^T (Q term st / 8: high, low; dims 32 (st % 8)..+32): byte
 // offsets of its A tile in s.q and of its B tile in the K stage (a 32-byte slice of a
@@ -242,11 +344,16 @@ __device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)
   ptx::wgmma_fence();
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
+#ifdef AFDKIT_MFA_EPI_ONE_EXCHANGE  // o[0] = the dims this consumer finishes: [128c, 128c + 128)
+    const int dim_half = half ^ c;
+#else
+    const int dim_half = half;
+#endif
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       ptx::wgmma_m64n128k16_rs_tnspb<Op>(
           o[half], pf[kk],
-          ptx::make_smem_desc(v_base + 2 * half * cfg::kColBlockBytes + kk * 16 * cfg::kSwizzleBytes,
+          ptx::make_smem_desc(v_base + 2 * dim_half * cfg::kColBlockBytes + kk * 16 * cfg::kSwizzleBytes,
                               cfg::kColBlockBytes, 1024));
   }
   ptx::wgmma_commit();

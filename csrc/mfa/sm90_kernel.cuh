@@ -141,6 +141,58 @@ __device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const P
   }
 }
 
+#ifdef AFDKIT_MFA_EPI_ONE_EXCHANGE
+// Epilogue of a segment with one exchange: consumer c's o[0] holds the dims it finishes,
+// [128c, 128c + 128), and o[1] the other consumer's (see mma_pv). Each hands its o[1]
+// over unscaled through its own V operand tile (its last PV has been waited for; the
+// next segment converts V only after the barrier at the top of the segment loop, which
+// the other consumer reaches after its reads below) together with its rows' (max, sum);
+// after one barrier each merges o[0] * own + other * other_mult. The three-round
+// exchange below needs three barriers, two of them one consumer waiting for the other.
+template <KvDtype kKv>
+__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
+                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
+                             MFA_PROF(, unsigned long long* prof_ev)) {
+  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32;
+  float l_own[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    float l = rs.l[i];
+    l += __shfl_xor_sync(0xffffffffu, l, 1);
+    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    l_own[i] = l;
+    if (lane % 4 == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
+  }
+  float4* give = reinterpret_cast<float4*>(s.v_op[c]);  // [16][128 threads] float4 = 32 KB
+#pragma unroll
+  for (int k4 = 0; k4 < 16; ++k4)
+    give[k4 * cfg::kWarpgroup + t] = make_float4(o[1][4 * k4], o[1][4 * k4 + 1], o[1][4 * k4 + 2], o[1][4 * k4 + 3]);
+  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
+  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
+  float own_mult[2], other_mult[2], inv_sum[2], m_merged[2], l_merged[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
+    const float m = fmaxf(rs.m[i], other.x);
+    const float m_use = m == -INFINITY ? 0.f : m;
+    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
+    other_mult[i] = ptx::ex2_approx(other.x - m_use);
+    const float l = l_own[i] * own_mult[i] + other.y * other_mult[i];
+    m_merged[i] = m, l_merged[i] = l;
+    inv_sum[i] = l > 0.f ? so.final_mult / l : 0.f;
+  }
+  const float4* take = reinterpret_cast<const float4*>(s.v_op[c ^ 1]);
+#pragma unroll
+  for (int k4 = 0; k4 < 16; ++k4) {
+    const float4 x = take[k4 * cfg::kWarpgroup + t];
+    o[0][4 * k4] = o[0][4 * k4] * own_mult[0] + x.x * other_mult[0];
+    o[0][4 * k4 + 1] = o[0][4 * k4 + 1] * own_mult[0] + x.y * other_mult[0];
+    o[0][4 * k4 + 2] = o[0][4 * k4 + 2] * own_mult[1] + x.z * other_mult[1];
+    o[0][4 * k4 + 3] = o[0][4 * k4 + 3] * own_mult[1] + x.w * other_mult[1];
+  }
+  write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
+}
+#else
 // Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
 // shared memory and writes the rows -- bf16 output and lse when the sequence is
 // unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
@@ -178,6 +230,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
   merge_halves(s, o, own_mult, c);
   write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
 }
+#endif  // AFDKIT_MFA_EPI_ONE_EXCHANGE
 
 // Consumer c's V of part-global tile j: wait for the copy, convert it into
 // v_op[c], release the raw stage, and make the writes visible to this
