@@ -77,88 +77,6 @@ __device__ __forceinline__ void fetch_q(const DecodeParams& p, int G, int b, int
   }
 }
 
-#ifdef AFDKIT_MFA_Q_CONVERT_V1  // the first conversion (fp32 per element, frexp and a division per row)
-// fp8 path: 8 scaled Q values of row r, dims [8 lane, +8), as two e4m3 terms
-// hi = e4m3(x), lo = e4m3(x - hi), so that (hi + lo) . K keeps ~7 mantissa bits of
-// Q (one e4m3 term alone would cost ~3 % in the logits). Each term is a 64 x 256
-// e4m3 tile (16 KB: two 128-byte-swizzled column blocks); lane l writes 8 bytes,
-// half of 16-byte chunk l / 2.
-template <KvDtype kKv>
-__device__ __forceinline__ void store_q_e4m3_pair(Smem<kKv>& s, int r, int lane, const float (&x)[8]) {
-  uint32_t hi[2], lo[2];
-#pragma unroll
-  for (int w = 0; w < 2; ++w) {
-    uint16_t h2[2], l2[2];
-#pragma unroll
-    for (int e = 0; e < 2; ++e) {
-      const float a = x[4 * w + 2 * e], b = x[4 * w + 2 * e + 1];
-      h2[e] = ptx::cvt_f32x2_e4m3x2(a, b);
-      const uint32_t hf = ptx::cvt_e4m3x2_f16x2(h2[e]);
-      const float2 back = __half22float2(*reinterpret_cast<const __half2*>(&hf));
-      l2[e] = ptx::cvt_f32x2_e4m3x2(a - back.x, b - back.y);
-    }
-    hi[w] = h2[0] | (static_cast<uint32_t>(h2[1]) << 16);
-    lo[w] = l2[0] | (static_cast<uint32_t>(l2[1]) << 16);
-  }
-  // 16-byte chunk lane / 2 of 16 e4m3 along the 256 dims, this lane's half of it
-  const uint32_t off = op_chunk_offset(r, lane >> 1) + (lane & 1) * 8;
-  *reinterpret_cast<uint2*>(s.q + off) = make_uint2(hi[0], hi[1]);
-  *reinterpret_cast<uint2*>(s.q + kQTermBytes + off) = make_uint2(lo[0], lo[1]);
-}
-
-// Fetched Q rows -> operand tile, scaled per row by a power of two that puts the
-// row's amax in [128, 256) (fp16 range and precision for any input); row_mult
-// undoes it and applies softmax_scale * log2(e) (* k_scale per tensor). The eight
-// rows of a warp are reduced together so their shuffles overlap.
-template <KvDtype kKv>
-__device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int rb, const QRegs& qr,
-                                        float base_mult) {
-  using Op = typename Traits<kKv>::Op;
-  constexpr int kR = cfg::kRowsPerCta / 8;
-  const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
-  const int warp = ct / 32, lane = ct % 32;
-  const int rows = p.q_len * (p.num_q_heads / p.num_kv_heads);
-  float amax[kR];
-#pragma unroll
-  for (int i = 0; i < kR; ++i) {
-    const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&qr.v[i]);
-    amax[i] = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; ++e) amax[i] = fmaxf(amax[i], fabsf(__bfloat162float(xb[e])));
-  }
-#pragma unroll
-  for (int off = 16; off > 0; off /= 2) {
-#pragma unroll
-    for (int i = 0; i < kR; ++i) amax[i] = fmaxf(amax[i], __shfl_xor_sync(0xffffffffu, amax[i], off));
-  }
-#pragma unroll
-  for (int i = 0; i < kR; ++i) {
-    const int r = warp + 8 * i;
-    const int rg = rb * cfg::kRowsPerCta + r;
-    float qf = 1.f;
-    if (amax[i] > 0.f && amax[i] <= 3.0e38f) {
-      int e2;
-      frexpf(amax[i], &e2);
-      qf = ldexpf(1.f, 8 - e2);
-    }
-    const auto* xb = reinterpret_cast<const __nv_bfloat16*>(&qr.v[i]);
-    float x[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) x[e] = __bfloat162float(xb[e]) * qf;
-    if constexpr (Traits<kKv>::kFp8) {
-      store_q_e4m3_pair(s, r, lane, x);
-    } else {
-      uint4 v;
-      v.x = ptx::pack2<Op>(x[0], x[1]);
-      v.y = ptx::pack2<Op>(x[2], x[3]);
-      v.z = ptx::pack2<Op>(x[4], x[5]);
-      v.w = ptx::pack2<Op>(x[6], x[7]);
-      *reinterpret_cast<uint4*>(s.q + op_chunk_offset(r, lane)) = v;
-    }
-    if (lane == 0) s.row_mult[r] = rg < rows ? base_mult / qf : 0.f;
-  }
-}
-#else
 // Q rows -> operand tile, scaled per row by a power of two qf that puts the row's
 // |max| in [128, 256) (fp16 range and precision for any input); row_mult = 1 / qf
 // times softmax_scale * log2(e) (* k_scale per tensor). This conversion is the critical
@@ -242,11 +160,7 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
   const int ct = threadIdx.x - cfg::kWarpgroup;  // 0..255
   const int warp = ct / 32, lane = ct % 32;
   const int rows = p.q_len * (p.num_q_heads / p.num_kv_heads);
-#ifdef AFDKIT_MFA_Q_ROLLED
-#pragma unroll 1
-#else
 #pragma unroll
-#endif
   for (int i = 0; i < kR; i += 2) {
     const uint32_t m = row_pair_absmax(qr.v[i], qr.v[i + 1]);
 #pragma unroll
@@ -258,7 +172,6 @@ __device__ __forceinline__ void store_q(const DecodeParams& p, Smem<kKv>& s, int
     }
   }
 }
-#endif  // AFDKIT_MFA_Q_CONVERT_V1
 
 // fp8 K-step `st` of QK^T (Q term st / 8: high, low; dims 32 (st % 8)..+32): byte
 // offsets of its A tile in s.q and of its B tile in the K stage (a 32-byte slice of a
@@ -344,11 +257,7 @@ __device__ __forceinline__ void mma_pv(Smem<kKv>& s, int c, const uint32_t (&pf)
   ptx::wgmma_fence();
 #pragma unroll
   for (int half = 0; half < 2; ++half) {
-#ifdef AFDKIT_MFA_EPI_ONE_EXCHANGE  // o[0] = the dims this consumer finishes: [128c, 128c + 128)
-    const int dim_half = half ^ c;
-#else
-    const int dim_half = half;
-#endif
+    const int dim_half = half ^ c;  // o[0] = the dims this consumer finishes: [128c, 128c + 128)
 #pragma unroll
     for (int kk = 0; kk < 4; ++kk)
       ptx::wgmma_m64n128k16_rs_tnspb<Op>(

@@ -65,43 +65,6 @@ __device__ __forceinline__ float2* row_ml(Smem<kKv>& s, int c) {
   return s.row_ml[c];
 }
 
-// Epilogue, rounds 1-3: the consumers exchange their rescaled O halves through the Q
-// tile (both are past their last QK^T; the next segment's Q is stored only after the
-// barrier at the top of the segment loop) as 16-byte pieces, slot [k / 4][thread]:
-// a warp's access is 512 contiguous bytes. Consumer c ends with the merged dims
-// [128c, 128c + 128) (not yet divided by the sum) in o[0].
-template <KvDtype kKv>
-__device__ __forceinline__ void merge_halves(Smem<kKv>& s, float (&o)[2][64], const float (&own_mult)[2], int c) {
-  const int t = threadIdx.x % cfg::kWarpgroup;
-  float4* xbuf = reinterpret_cast<float4*>(s.q);  // [16][128 threads] float4 = 32 KB
-  const auto scaled = [&](const float(&v)[64], int k4) {
-    return make_float4(v[4 * k4] * own_mult[0], v[4 * k4 + 1] * own_mult[0], v[4 * k4 + 2] * own_mult[1],
-                       v[4 * k4 + 3] * own_mult[1]);
-  };
-  const auto add = [&](float(&dst)[64], const float(&v)[64], int k4, float4 x) {
-    dst[4 * k4] = v[4 * k4] * own_mult[0] + x.x, dst[4 * k4 + 1] = v[4 * k4 + 1] * own_mult[0] + x.y;
-    dst[4 * k4 + 2] = v[4 * k4 + 2] * own_mult[1] + x.z, dst[4 * k4 + 3] = v[4 * k4 + 3] * own_mult[1] + x.w;
-  };
-  if (c == 1) {  // round 1: consumer 1 hands over its dims [0, 128)
-#pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[0], k4);
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  if (c == 0) {  // round 2: consumer 0 merges dims [0, 128) and hands over [128, 256)
-#pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) {
-      const float4 x = xbuf[k4 * cfg::kWarpgroup + t];
-      add(o[0], o[0], k4, x);
-      xbuf[k4 * cfg::kWarpgroup + t] = scaled(o[1], k4);
-    }
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  if (c == 1) {  // round 3: consumer 1 merges dims [128, 256) into o[0] (free since round 1)
-#pragma unroll
-    for (int k4 = 0; k4 < 16; ++k4) add(o[0], o[1], k4, xbuf[k4 * cfg::kWarpgroup + t]);
-  }
-}
-
 // Epilogue, stores straight from the registers: 32 eight-byte stores per thread (each
 // warp instruction covers 8 rows x 32 B), the lse of each row by consumer 0.
 __device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const PlanBuffers& pb, const Segment& seg,
@@ -141,14 +104,13 @@ __device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const P
   }
 }
 
-#ifdef AFDKIT_MFA_EPI_ONE_EXCHANGE
 // Epilogue of a segment with one exchange: consumer c's o[0] holds the dims it finishes,
 // [128c, 128c + 128), and o[1] the other consumer's (see mma_pv). Each hands its o[1]
 // over unscaled through its own V operand tile (its last PV has been waited for; the
 // next segment converts V only after the barrier at the top of the segment loop, which
 // the other consumer reaches after its reads below) together with its rows' (max, sum);
-// after one barrier each merges o[0] * own + other * other_mult. The three-round
-// exchange below needs three barriers, two of them one consumer waiting for the other.
+// after one barrier each merges o[0] * own + other * other_mult. (The three-round
+// exchange through the Q tile that this replaced, 8c9da0c, needed three barriers.)
 template <KvDtype kKv>
 __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
                          const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
@@ -192,45 +154,6 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
   }
   write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
 }
-#else
-// Epilogue of a segment: merges the two consumers' (max, sum, O) per row through
-// shared memory and writes the rows -- bf16 output and lse when the sequence is
-// unsplit, else fp32 O / l and lse into the partial slot. Consumer c writes dims
-// [128c, 128c + 128). The Q tile is the exchange buffer: both consumers are past
-// their last QK^T here, and the next segment's Q is stored only after the
-// barrier at the top of the segment loop. A thread's slot in it is indexed by its
-// own thread index, so consumer 0 can overwrite in round 2 what it read in round 1.
-template <KvDtype kKv>
-__device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
-                             MFA_PROF(, unsigned long long* prof_ev)) {
-  const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32, q = lane % 4;
-  float own_mult[2], inv_sum[2], m_merged[2], l_merged[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    float l = rs.l[i];
-    l += __shfl_xor_sync(0xffffffffu, l, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
-    inv_sum[i] = l;  // this consumer's row sum until the merge below
-    if (q == 0) row_ml(s, c)[(t / 32) * 16 + lane / 4 + 8 * i] = make_float2(rs.m[i], l);
-  }
-  ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
-  MFA_PROF(if (threadIdx.x == cfg::kWarpgroup && prof_ev) prof_ev[prof::kEvEpiBothIn] = prof::gtime();)
-  const float final_mult = so.final_mult;
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float2 other = row_ml(s, c ^ 1)[(t / 32) * 16 + lane / 4 + 8 * i];
-    const float m = fmaxf(rs.m[i], other.x);
-    const float m_use = m == -INFINITY ? 0.f : m;
-    own_mult[i] = ptx::ex2_approx(rs.m[i] - m_use);
-    const float l = inv_sum[i] * own_mult[i] + other.y * ptx::ex2_approx(other.x - m_use);
-    m_merged[i] = m, l_merged[i] = l;
-    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
-  }
-  merge_halves(s, o, own_mult, c);
-  write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
-}
-#endif  // AFDKIT_MFA_EPI_ONE_EXCHANGE
 
 // Consumer c's V of part-global tile j: wait for the copy, convert it into
 // v_op[c], release the raw stage, and make the writes visible to this
