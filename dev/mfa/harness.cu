@@ -10,6 +10,7 @@
 //   build/mfa_harness --no-time  # correctness only
 //   build/mfa_harness --breakdown  # timing also splits each case into kernel / combine
 //   build/mfa_harness --sweep      # batch 1 and 8 over 4K..64K: per-call fixed cost vs tiles per part
+//   build/mfa_harness --one B LEN  # only the timing of batch B x LEN (for Nsight Compute: -k regex:decode_sm90)
 //   build/mfa_harness --profile  # phase table of the sm90 kernel (64 x 4K, 1 x 32K); needs
 //                                # every .cu built with -DAFDKIT_MFA_PROFILE
 //
@@ -626,7 +627,9 @@ static void time_case(int batch, int len, bool check, bool profile = false) {
 
 int main(int argc, char** argv) {
   bool small = false, timing = true, profile = false, sweep = false;
+  int one_b = 0, one_len = 0;
   for (int i = 1; i < argc; ++i) {
+    if (!std::strcmp(argv[i], "--one") && i + 2 < argc) one_b = std::atoi(argv[i + 1]), one_len = std::atoi(argv[i + 2]);
     if (!std::strcmp(argv[i], "--small")) small = true;
     if (!std::strcmp(argv[i], "--no-time")) timing = false;
     if (!std::strcmp(argv[i], "--profile")) profile = true;
@@ -640,6 +643,10 @@ int main(int argc, char** argv) {
   const auto F = KvDtype::kFp8E4M3;
   const auto B = KvDtype::kBf16;
   const auto PT = ScaleMode::kPerTensor, TK = ScaleMode::kPerToken, NO = ScaleMode::kNone;
+  if (one_b > 0) {  // one shape's timing only: a short run to put under a profiler
+    time_case(one_b, one_len, false);
+    return 0;
+  }
   if (profile) {  // timing + phase table of the two headline shapes, no correctness matrix
     std::printf("-- profile: fp8 per-tensor, q_len 1, 64 heads / 1 kv head, page 64 --\n");
     time_case(64, 4096, true, true);
