@@ -120,13 +120,6 @@ __device__ __forceinline__ void cvt_e4m3x4_f16x4(uint32_t codes, uint32_t& lo, u
       : "r"(codes));
 }
 
-// Two floats -> two e4m3 codes (low byte = `lo`), round to nearest, saturating.
-__device__ __forceinline__ uint16_t cvt_f32x2_e4m3x2(float lo, float hi) {
-  uint16_t out;
-  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(out) : "f"(hi), "f"(lo));  // first source -> high byte
-  return out;
-}
-
 // f16x2 (low half = element 0) -> two e4m3 codes (low byte = element 0), round to
 // nearest, saturating.
 __device__ __forceinline__ uint16_t cvt_f16x2_e4m3x2(uint32_t halves) {
