@@ -6,7 +6,8 @@
 # instructions with the most warp-stall samples (dev/mfa/ncu_stalls.py).
 #
 # Usage: dev/mfa/ncu_check.sh [B:LEN ...]          (default: 1:32768 64:4096)
-# Reports, details pages and source CSVs under ${OUT:-build/ncu}/ncu.
+# Reports, details pages and source CSVs under ${OUT:-build/ncu}/ncu (NCU_PACK=1: one
+# archive, ncu.tgz, instead).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 L=${OUT:-build/ncu}/ncu; mkdir -p "$L"
@@ -30,3 +31,7 @@ for s in "${shapes[@]}"; do
   grep -E "^\s+(Duration|DRAM Throughput|Issued Warp Per Scheduler|Warp Cycles Per Issued)" "$L/$n.details.txt"
   python3 dev/mfa/ncu_stalls.py "$L/$n.source.csv.gz" --top 25
 done
+# NCU_PACK=1: one archive instead of many files (for a machine that returns only a few files).
+if [ "${NCU_PACK:-0}" = 1 ]; then
+  tar czf "$L.tgz" -C "$L" . && rm -rf "$L" && echo "packed into $L.tgz"
+fi
