@@ -2,7 +2,8 @@
 # One call on a GPU host: build afdkit, run the GPU tests and the benchmarks, keep
 # every log under $OUT (default ./out), and print a short table last.
 #
-#   bench/gpu_check.sh [STAGE ...]     stages: env build|prebuilt test bench harness (default: env build test bench)
+#   bench/gpu_check.sh [STAGE ...]     stages: env build|prebuilt test bench harness sanitize
+#                                    (default: env build test bench)
 #
 # The build stage leaves the wheel and a stamp of the native sources in $OUT/wheel; copy
 # them to .whl/prebuilt/ and later runs with the 'prebuilt' stage skip the compile while
@@ -85,6 +86,17 @@ if has harness && [ -f dev/mfa/harness.cu ]; then
     -o /tmp/mfa_harness dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu > "$OUT/harness.log" 2>&1 \
     && timeout 300 /tmp/mfa_harness >> "$OUT/harness.log" 2>&1
   note harness "rc=$?" "$(tail -1 "$OUT/harness.log" 2>/dev/null)"
+fi
+
+# sanitize: compute-sanitizer's memcheck, racecheck (shared memory) and synccheck
+# (barriers) on the harness's two small cases; each tool's last line in the summary.
+if has sanitize && [ -f dev/mfa/harness.cu ]; then
+  [ -x /tmp/mfa_harness ] || nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+    -I csrc -o /tmp/mfa_harness dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu > "$OUT/sanitize.log" 2>&1
+  for tool in memcheck racecheck synccheck; do
+    timeout 300 compute-sanitizer --tool "$tool" /tmp/mfa_harness --small > "$OUT/sanitize_$tool.log" 2>&1
+    note "$tool" "rc=$?" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
+  done
 fi
 
 echo
