@@ -91,7 +91,7 @@ fi
 # sanitize: compute-sanitizer's memcheck, racecheck (shared memory) and synccheck
 # (barriers) on the harness's two small cases; each tool's last line in the summary.
 if has sanitize && [ -f dev/mfa/harness.cu ]; then
-  [ -x /tmp/mfa_harness ] || nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
+  has harness || nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr \
     -I csrc -o /tmp/mfa_harness dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu > "$OUT/sanitize.log" 2>&1
   for tool in memcheck racecheck synccheck; do
     timeout 300 compute-sanitizer --tool "$tool" /tmp/mfa_harness --small > "$OUT/sanitize_$tool.log" 2>&1
