@@ -27,7 +27,7 @@ void decode(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream) {
   if (p.batch == 0) return;
   AFDKIT_CHECK(pb.num_sm_parts >= 1 && pb.part_meta && pb.batch_meta,
                "mfa.decode: plan buffers missing (call plan() with the same seq_lens first)");
-  AFDKIT_CHECK(reinterpret_cast<uintptr_t>(pb.part_meta) % 16 == 0 && reinterpret_cast<uintptr_t>(pb.batch_meta) % 16 == 0,
+  AFDKIT_CHECK(detail::aligned16(pb.part_meta) && detail::aligned16(pb.batch_meta),
                "mfa.decode: part_meta and batch_meta must be 16-byte aligned (the kernel reads their rows in 16-byte pieces)");
   AFDKIT_CHECK(pb.num_sm_parts == 1 || (pb.o_partial && pb.lse_partial),
                "mfa.decode: o_partial/lse_partial are required when num_sm_parts > 1");

@@ -217,7 +217,7 @@ void plan(const int32_t* seq_lens, int batch, const PlanBuffers& pb, cudaStream_
   AFDKIT_CHECK(batch >= 0 && pb.num_sm_parts >= 1, "mfa.plan: batch must be >= 0 and num_sm_parts >= 1");
   AFDKIT_CHECK(pb.part_meta && (batch == 0 || (seq_lens && pb.batch_meta)),
                "mfa.plan: null seq_lens/part_meta/batch_meta");
-  AFDKIT_CHECK(reinterpret_cast<uintptr_t>(pb.part_meta) % 16 == 0 && reinterpret_cast<uintptr_t>(pb.batch_meta) % 16 == 0,
+  AFDKIT_CHECK(detail::aligned16(pb.part_meta) && detail::aligned16(pb.batch_meta),
                "mfa.plan: part_meta and batch_meta must be 16-byte aligned");
   plan_kernel<<<1, cfg::kPlanThreads, 0, stream>>>(seq_lens, batch, pb.part_meta, pb.batch_meta,
                                                    pb.num_sm_parts);
