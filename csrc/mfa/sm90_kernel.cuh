@@ -23,21 +23,13 @@
 
 namespace afdkit::mfa::sm90 {
 
-// Where a segment's rows go and the factor that finishes them, loaded at the
-// segment's start (see consumer_role): slot < 0 = the sequence is unsplit (bf16 out
-// and lse), else its partial slot: batch_meta's first slot + this part's split index
-// (the part's index - the sequence's first part).
-struct SegmentOut {
-  int64_t slot;
-  float final_mult;  // per-tensor V scale, or undoes the per-token P shift
-};
-__device__ __forceinline__ SegmentOut load_segment_out(const PlanBuffers& pb, int b, float final_mult) {
+// Where a segment's rows go, loaded at the segment's start (see consumer_role): < 0 =
+// the sequence is unsplit (bf16 out and lse), else its partial slot: batch_meta's first
+// slot + this part's split index (the part's index - the sequence's first part).
+__device__ __forceinline__ int64_t load_segment_slot(const PlanBuffers& pb, int b) {
   const int4 bm = __ldg(reinterpret_cast<const int4*>(pb.batch_meta + b * cfg::kBatchMetaInts));
   const int splits = bm.x, first_slot = bm.y, first_part = bm.z;
-  SegmentOut so;
-  so.slot = splits > 1 ? static_cast<int64_t>(first_slot) + (static_cast<int>(blockIdx.x) - first_part) : -1;
-  so.final_mult = final_mult;
-  return so;
+  return splits > 1 ? static_cast<int64_t>(first_slot) + (static_cast<int>(blockIdx.x) - first_part) : -1;
 }
 
 // A float that reads as 1 where a per-tensor scale is not given (see CallScales).
@@ -113,8 +105,8 @@ __device__ __forceinline__ void write_rows_direct(const DecodeParams& p, const P
 // exchange through the Q tile that this replaced, 8c9da0c, needed three barriers.)
 template <KvDtype kKv>
 __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>& s, const Segment& seg,
-                         const SegmentOut& so, const RowState& rs, float (&o)[2][64], int c, int h, int rb
-                             MFA_PROF(, unsigned long long* prof_ev)) {
+                         int64_t slot, float final_mult, const RowState& rs, float (&o)[2][64], int c, int h,
+                         int rb MFA_PROF(, unsigned long long* prof_ev)) {
   const int t = threadIdx.x % cfg::kWarpgroup, lane = t % 32;
   float l_own[2];
 #pragma unroll
@@ -141,7 +133,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
     other_mult[i] = ptx::ex2_approx(other.x - m_use);
     const float l = l_own[i] * own_mult[i] + other.y * other_mult[i];
     m_merged[i] = m, l_merged[i] = l;
-    inv_sum[i] = l > 0.f ? so.final_mult / l : 0.f;
+    inv_sum[i] = l > 0.f ? final_mult / l : 0.f;
   }
   const float4* take = reinterpret_cast<const float4*>(s.v_op[c ^ 1]);
 #pragma unroll
@@ -152,7 +144,7 @@ __device__ void epilogue(const DecodeParams& p, const PlanBuffers& pb, Smem<kKv>
     o[0][4 * k4 + 2] = o[0][4 * k4 + 2] * own_mult[1] + x.z * other_mult[1];
     o[0][4 * k4 + 3] = o[0][4 * k4 + 3] * own_mult[1] + x.w * other_mult[1];
   }
-  write_rows_direct(p, pb, seg, so.slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
+  write_rows_direct(p, pb, seg, slot, o[0], inv_sum, m_merged, l_merged, c, h, rb MFA_PROF(, prof_ev));
 }
 
 // Consumer c's V of part-global tile j: wait for the copy, convert it into
@@ -245,7 +237,7 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     // before the scalar loads, a second round trip per segment start.
     const int len = first ? max(__ldg(p.seq_lens + b), 0) : next_len;
     next_len = b < w.b1 ? max(__ldg(p.seq_lens + b + 1), 0) : 0;
-    const SegmentOut so = load_segment_out(pb, b, scales.final_mult);
+    const int64_t slot = load_segment_slot(pb, b);
     QRegs qr;
     fetch_q<kKv>(p, G, b, h, rb, qr);
     const Segment seg = w.take(len);
@@ -281,7 +273,7 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
       MFA_PROF(++pc[prof::kTiles];)
     }
     MFA_PROF(mark = prof::clk(); if (threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvEpilogue] = prof::gtime();)
-    epilogue<kKv>(p, pb, s, seg, so, rs, o, c, h, rb MFA_PROF(, prof_rec));
+    epilogue<kKv>(p, pb, s, seg, slot, scales.final_mult, rs, o, c, h, rb MFA_PROF(, prof_rec));
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
   }
 #ifdef AFDKIT_MFA_PROFILE
