@@ -9,10 +9,11 @@
 # Usage: dev/mfa/ab_check.sh NAME[=FLAGS] ...        (from any directory)
 #   dev/mfa/ab_check.sh base new=-DAFDKIT_MFA_QK_PROMOTE=4 prof=-DAFDKIT_MFA_PROFILE
 # Logs go under ${OUT:-build/ab}/ab; the exit status is non-zero when a variant does not
-# build or fails its correctness matrix.
+# build or fails its correctness matrix. AB_BUILD_ONLY=1 stops after the builds
+# ($AB_WORK/NAME/h, AB_WORK default /tmp/afdkit-ab).
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
-[ $# -ge 1 ] || { sed -n '2,12p' "${BASH_SOURCE[0]}"; exit 2; }
+[ $# -ge 1 ] || { sed -n '2,13p' "${BASH_SOURCE[0]}"; exit 2; }
 LOGS=${OUT:-build/ab}/ab
 WORK=${AB_WORK:-/tmp/afdkit-ab}
 mkdir -p "$LOGS"
@@ -33,6 +34,9 @@ for name in "${names[@]}"; do
   nvcc -gencode=arch=compute_90a,code=sm_90a "$WORK/$name"/*.o -o "$WORK/$name/h" || { echo "LINK FAIL $name"; status=1; }
 done
 grep -q FAIL "$LOGS/compile.txt" && status=1
+if [ "${AB_BUILD_ONLY:-0}" = 1 ]; then  # the binaries only: $AB_WORK/NAME/h (dev/mfa/ncu_check.sh)
+  exit $status
+fi
 
 profiled() { grep -q AFDKIT_MFA_PROFILE "$WORK/$1.flags"; }
 first=1

@@ -13,11 +13,10 @@ cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 L=${OUT:-build/ncu}/ncu; mkdir -p "$L"
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
 [ -n "$NCU" ] || { echo "ncu_check: no ncu found"; exit 1; }
-B=${NCU_WORK:-/tmp/afdkit-ncu}; rm -rf "$B"; mkdir -p "$B"
-F="-std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a --expt-relaxed-constexpr -lineinfo -I $PWD/csrc ${NVCC_EXTRA:-}"
-ls dev/mfa/harness.cu csrc/mfa/*.cu csrc/mfa/instantiations/*.cu |
-  xargs -P "$(nproc)" -I{} bash -c 'nvcc '"$F"' -c {} -o '"$B"'/$(echo {} | tr / _).o > '"$B"'/$(echo {} | tr / _).log 2>&1 || echo "COMPILE FAIL {}"'
-nvcc -gencode=arch=compute_90a,code=sm_90a "$B"/*.o -o "$B/h" || { echo "ncu_check: link failed"; exit 1; }
+B=${NCU_WORK:-/tmp/afdkit-ncu}
+AB_WORK=$B AB_BUILD_ONLY=1 OUT="$L" bash dev/mfa/ab_check.sh "ncu=-lineinfo ${NVCC_EXTRA:-}" > "$L/build.log" 2>&1 \
+  || { echo "ncu_check: the harness does not build"; tail -5 "$L/build.log"; exit 1; }
+B=$B/ncu
 timeout 120 "$B/h" --no-time > "$L/correctness.log" 2>&1; echo "harness rc=$? $(grep correctness "$L/correctness.log")"
 shapes=("$@"); [ ${#shapes[@]} -gt 0 ] || shapes=(1:32768 64:4096)
 for s in "${shapes[@]}"; do
