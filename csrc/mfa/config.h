@@ -16,8 +16,14 @@ constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- shared by the plan, the sm90 kernel and combine ------------------------
 constexpr int kTileN = 64;            // KV tokens per tile (one wgmma N / K step set)
-constexpr int kPlanOverheadTiles = 2; // cost of a (part, sequence) visit, in tiles:
-                                      // Q load (32 KB = one fp8 tile) + epilogue
+// Cost of a (part, sequence) visit in the plan, in tiles: the wait for the other
+// consumer's last tile, the merge and stores, the next Q and its conversion. Measured, not
+// modelled: 6 was 3-6 % faster than 2 at 64 x 8K, 8 x 32K and 128 x 4K and no slower
+// elsewhere (H100, 2 / 4 / 6 / 8 in one call; bench/results/2026-12-07-h100-mfa-v6-plan-visit-cost.md).
+#ifndef AFDKIT_MFA_PLAN_OVERHEAD
+#define AFDKIT_MFA_PLAN_OVERHEAD 6
+#endif
+constexpr int kPlanOverheadTiles = AFDKIT_MFA_PLAN_OVERHEAD;
 constexpr int kPartMetaInts = 8;      // ints per part in PlanBuffers::part_meta
 // A part_meta row: the part's work (b0, t0) .. (b1, t1) in its first 16 bytes, which the
 // kernel reads in one load (the rest of the row is 0, reserved).

@@ -29,7 +29,7 @@ def timed(fn, flush) -> float:
 
 def main() -> None:
     buf = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
-    sink = torch.empty(1, dtype=torch.int64, device="cuda")
+    sink = torch.empty((), dtype=torch.int64, device="cuda")
     flushes = {
         "write": lambda: buf.zero_(),
         "read": lambda: torch.sum(buf.view(torch.int64), dim=0, out=sink),
@@ -39,7 +39,7 @@ def main() -> None:
     x = torch.zeros(1, device="cuda")
     print(f"{'case':<22}" + "".join(f"{k:>10}" for k in flushes))
     print(f"{'tiny kernel':<22}" + "".join(f"{timed(lambda: x.add_(1), f):>10.1f}" for f in flushes.values()))
-    for batch, ctx in ((1, 4096), (1, 32768), (8, 32768), (64, 4096)):
+    for batch, ctx in ((1, 4096), (1, 32768), (8, 32768), (64, 4096), (128, 4096), (64, 32768)):
         q, k, v, table, lens = _make_inputs(batch, ctx, 1, torch.float8_e4m3fn, gen)
         scale = torch.tensor([0.125], device="cuda")
         plan = mfa.DecodePlan.create(q, k)
