@@ -4,7 +4,7 @@
 // layer of the step.
 //
 // Cost model: a sequence costs ceil(seq_len / 64) tiles plus kPlanOverheadTiles
-// for each part that visits it (Q load, epilogue). The parts are filled greedily
+// for each part that visits it (what a segment boundary costs the kernel; config.h). The parts are filled greedily
 // in sequence order up to a budget (see plan_kernel); a part that cannot take
 // one more tile of a sequence closes, so every visit covers >= 1 tile (or a whole
 // empty sequence, whose zeros/-inf some part must still write).
@@ -93,10 +93,9 @@ __device__ int64_t fill_parts(const int32_t* seq_lens, int batch, int32_t* part_
 // target = ceil(cost / P) + 2 x overhead always leaves the last part <= cost / P; the
 // smallest target in [ceil(cost / P), that] whose last part also fits is used, found by
 // bisection (log2(2 x overhead + 1) dry passes; a linear scan took up to 13 at the
-// overhead of 6). The last part's load falls as the target grows except for the odd
-// extra visit a cut causes, so the bisection may settle one or two tiles above the
-// smallest fitting target; it only accepts targets whose last part fits, and the upper
-// end always fits.
+// overhead of 6). Where the last part's load is not monotone in the target (a cut can add
+// a visit), the bisection may settle above the smallest fitting target; it only accepts
+// targets whose last part fits, and the upper end always fits.
 __global__ void plan_kernel(const int32_t* seq_lens, int batch, int32_t* part_meta,
                             int32_t* batch_meta, int num_parts) {
   const int lane = threadIdx.x;
