@@ -253,6 +253,8 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
     ptx::fence_proxy_async_smem();
     ptx::named_bar_sync(2, 2 * cfg::kWarpgroup);
     MFA_PROF(if (first && threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvQStored] = prof::gtime();)
+    MFA_PROF(if (pc[prof::kSegments] == 2 && threadIdx.x == cfg::kWarpgroup && prof_rec)
+                 prof_rec[prof::kEvB1QStored] = prof::gtime();)
     if (!w.done()) prefetch_q(p, G, w.b, h, rb);
     RowState rs;
 #pragma unroll
@@ -271,9 +273,21 @@ __device__ void consumer_role(const DecodeParams& p, const PlanBuffers& pb, Smem
       if ((tile_idx & 1) != static_cast<uint32_t>(c)) continue;
       consume_tile(p, s, rs, seg, c, tile, tile_idx, o MFA_PROF(, pc, mark, prof_rec));
       MFA_PROF(++pc[prof::kTiles];)
+      MFA_PROF(if (pc[prof::kSegments] == 2 && threadIdx.x == cfg::kWarpgroup && prof_rec &&
+                   prof_rec[prof::kEvB1Tile] == 0 && o[0][0] != __int_as_float(0x7fc1a5a5))
+                   prof_rec[prof::kEvB1Tile] = prof::gtime();)
     }
     MFA_PROF(mark = prof::clk(); if (threadIdx.x == cfg::kWarpgroup && prof_rec) prof_rec[prof::kEvEpilogue] = prof::gtime();)
+    // (a CTA's first boundary: each consumer's epilogue start, then consumer 0's copies
+    // of the last-epilogue events, which the next segments overwrite)
+    MFA_PROF(const bool boundary = pc[prof::kSegments] == 1 && !w.done() && prof_rec;
+             if (boundary && t == 0) prof_rec[c == 0 ? prof::kEvB0Epi0 : prof::kEvB0Epi1] = prof::gtime();)
     epilogue<kKv>(p, pb, s, seg, slot, scales.final_mult, rs, o, c, h, rb MFA_PROF(, prof_rec));
+    MFA_PROF(if (boundary && threadIdx.x == cfg::kWarpgroup) {
+      prof_rec[prof::kEvB0End] = prof::gtime();
+      prof_rec[prof::kEvB0BothIn] = prof_rec[prof::kEvEpiBothIn];
+      prof_rec[prof::kEvB0Stores] = prof_rec[prof::kEvEpiStores];
+    })
     MFA_PROF_LAP(pc, prof::kEpilogue, mark);
   }
 #ifdef AFDKIT_MFA_PROFILE

@@ -39,7 +39,16 @@ enum Slot : int {
   kEvQAll,         // consumer 0 (thread 0): all eight of its first Q pieces back in registers
   kEvQBarrier,     // consumer 0: past the barrier before its first Q store (consumer 1 there too)
   kEvFirstVConv,   // consumer 0: its first V tile converted (before the first K wait)
-  kRecordSlots,    // 47
+  // The first segment boundary of CTAs with >= 2 segments (what a boundary costs: the
+  // plan charges 6 tiles for it, see config.h)
+  kEvB0Epi0,       // consumer 0: its first segment's epilogue starts
+  kEvB0Epi1,       // consumer 1: ditto (before consumer 0's = consumer 0 had the last tile)
+  kEvB0BothIn,     // consumer 0: past that epilogue's exchange barrier
+  kEvB0Stores,     // consumer 0: that epilogue's stores start
+  kEvB0End,        // consumer 0: leaves that epilogue
+  kEvB1QStored,    // consumer 0: Q of the second segment stored (after its barrier)
+  kEvB1Tile,       // consumer 0: its first tile of the second segment done (PV waited)
+  kRecordSlots,    // 54
 };
 enum ConsSlot : int {
   kTiles = 0,

@@ -454,6 +454,31 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
     }
     std::printf("\n");
   }
+  {  // the first segment boundary of CTAs with >= 2 segments, us after consumer 0's first
+     // epilogue starts (consumer 1's start is negative when consumer 0 had the last tile)
+    constexpr int kEvents = 6;
+    const int ev[kEvents] = {prof::kEvB0Epi1, prof::kEvB0BothIn, prof::kEvB0Stores,
+                             prof::kEvB0End, prof::kEvB1QStored, prof::kEvB1Tile};
+    const char* names[kEvents] = {"cons1 epilogue starts", "both in", "stores start", "cons0 leaves",
+                                  "next Q stored", "its first tile done"};
+    int n = 0;
+    for (int i = 0; i < ctas; ++i) n += rec(i, prof::kEvB0Epi0) > 0 && rec(i, prof::kEvB1QStored) > 0;
+    if (n > 0) {
+      std::printf("  boundary timeline (%d CTAs; us after cons0's first epilogue starts, median / max):", n);
+      const char* sep = "";
+      for (int k = 0; k < kEvents; ++k) {
+        std::vector<double> v;
+        for (int i = 0; i < ctas; ++i)
+          if (rec(i, prof::kEvB0Epi0) > 0 && rec(i, prof::kEvB1QStored) > 0 && rec(i, ev[k]) > 0)
+            v.push_back((rec(i, ev[k]) - rec(i, prof::kEvB0Epi0)) * 1e-3);
+        if (v.empty()) continue;
+        std::sort(v.begin(), v.end());
+        std::printf("%s %s %.2f / %.2f", sep, names[k], v[v.size() / 2], v.back());
+        sep = " |";
+      }
+      std::printf("\n");
+    }
+  }
   const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
   std::printf("  loader (thread 0) cycles/tile: wait_k_free %7.0f  scales %7.0f  issue %7.0f  wait_v_free %7.0f\n",
               ld[0] / tiles_all, ld[1] / tiles_all, ld[2] / tiles_all, ld[3] / tiles_all);
