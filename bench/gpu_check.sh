@@ -105,6 +105,16 @@ if has sanitize && [ -f dev/mfa/harness.cu ]; then
       timeout 300 compute-sanitizer --tool "$tool" "$HARNESS" --small > "$OUT/sanitize_$tool.log" 2>&1
       note "$tool" "rc=$?" "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitize_$tool.log" | tail -1)"
     done
+    # the epilogue's hand-over alone, race-free by construction: a report here is the tool's
+    if nvcc -std=c++17 -O3 -gencode=arch=compute_90a,code=sm_90a dev/mfa/racecheck_repro.cu \
+         -o "$OUT/racecheck_repro" > "$OUT/sanitize_repro.log" 2>&1; then
+      timeout 120 compute-sanitizer --tool racecheck --racecheck-report all "$OUT/racecheck_repro" \
+        >> "$OUT/sanitize_repro.log" 2>&1
+      note repro "rc=$?" "$(grep -E 'racecheck_repro:|RACECHECK SUMMARY' "$OUT/sanitize_repro.log" | tr '\n' ' ')"
+      rm -f "$OUT/racecheck_repro"
+    else
+      note repro fail "racecheck_repro.cu does not build (sanitize_repro.log)"
+    fi
   else
     note sanitize fail "the harness does not build (harness_build.log)"
   fi
