@@ -402,6 +402,21 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
     return;
   }
   auto rec = [&](int cta, int slot) { return double(r[size_t(cta) * prof::kRecordSlots + slot]); };
+  // " | name median / max" per event, in us after slot `base`, over the CTAs `keep` accepts;
+  // events no CTA recorded are left out, so the separator goes before each
+  auto event_stats = [&](int n, const int* ev, const char* const* names, auto keep, int base) {
+    const char* sep = "";
+    for (int k = 0; k < n; ++k) {
+      std::vector<double> v;
+      for (int i = 0; i < ctas; ++i)
+        if (keep(i) && rec(i, ev[k]) > 0) v.push_back((rec(i, ev[k]) - rec(i, base)) * 1e-3);
+      if (v.empty()) continue;
+      std::sort(v.begin(), v.end());
+      std::printf("%s %s %.2f / %.2f", sep, names[k], v[v.size() / 2], v.back());
+      sep = " |";
+    }
+    std::printf("\n");
+  };
   double t_min = 1e300, t_max = 0, halves = 0, ld[5] = {}, cs[2][prof::kConsSlots] = {};
   double d_min = 1e300, d_max = 0, d_sum = 0, tl_min = 1e300, tl_max = 0;
   int worst = -1, active = 0;
@@ -442,17 +457,7 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
                     if (rec(i, prof::kCons + prof::kTiles) > 0) lo = std::min(lo, rec(i, prof::kT0)), hi = std::max(hi, rec(i, prof::kT0));
                   return hi > lo ? (hi - lo) * 1e-3 : 0.;
                 }());
-    const char* sep = "";  // events no CTA recorded are left out, so the separator goes before each
-    for (int k = 0; k < kEvents; ++k) {
-      std::vector<double> v;
-      for (int i = 0; i < ctas; ++i)
-        if (rec(i, prof::kCons + prof::kTiles) > 0 && rec(i, ev[k]) > 0) v.push_back((rec(i, ev[k]) - rec(i, prof::kT0)) * 1e-3);
-      if (v.empty()) continue;
-      std::sort(v.begin(), v.end());
-      std::printf("%s %s %.2f / %.2f", sep, names[k], v[v.size() / 2], v.back());
-      sep = " |";
-    }
-    std::printf("\n");
+    event_stats(kEvents, ev, names, [&](int i) { return rec(i, prof::kCons + prof::kTiles) > 0; }, prof::kT0);
   }
   {  // the first segment boundary of CTAs with >= 2 segments, us after consumer 0's first
      // epilogue starts (consumer 1's start is negative when consumer 0 had the last tile)
@@ -461,22 +466,12 @@ static void profile_launch(const char* name, const DecodeParams& p, const PlanBu
                              prof::kEvB0End, prof::kEvB1QStored, prof::kEvB1Tile};
     const char* names[kEvents] = {"cons1 epilogue starts", "both in", "stores start", "cons0 leaves",
                                   "next Q stored", "its first tile done"};
+    auto two_segments = [&](int i) { return rec(i, prof::kEvB0Epi0) > 0 && rec(i, prof::kEvB1QStored) > 0; };
     int n = 0;
-    for (int i = 0; i < ctas; ++i) n += rec(i, prof::kEvB0Epi0) > 0 && rec(i, prof::kEvB1QStored) > 0;
+    for (int i = 0; i < ctas; ++i) n += two_segments(i);
     if (n > 0) {
       std::printf("  boundary timeline (%d CTAs; us after cons0's first epilogue starts, median / max):", n);
-      const char* sep = "";
-      for (int k = 0; k < kEvents; ++k) {
-        std::vector<double> v;
-        for (int i = 0; i < ctas; ++i)
-          if (rec(i, prof::kEvB0Epi0) > 0 && rec(i, prof::kEvB1QStored) > 0 && rec(i, ev[k]) > 0)
-            v.push_back((rec(i, ev[k]) - rec(i, prof::kEvB0Epi0)) * 1e-3);
-        if (v.empty()) continue;
-        std::sort(v.begin(), v.end());
-        std::printf("%s %s %.2f / %.2f", sep, names[k], v[v.size() / 2], v.back());
-        sep = " |";
-      }
-      std::printf("\n");
+      event_stats(kEvents, ev, names, two_segments, prof::kEvB0Epi0);
     }
   }
   const double tiles_all = std::max(1.0, halves);  // the loader's record counts tiles
