@@ -27,8 +27,7 @@ void decode(const DecodeParams& p, const PlanBuffers& pb, cudaStream_t stream) {
   if (p.batch == 0) return;
   AFDKIT_CHECK(pb.num_sm_parts >= 1 && pb.part_meta && pb.batch_meta,
                "mfa.decode: plan buffers missing (call plan() with the same seq_lens first)");
-  AFDKIT_CHECK(detail::aligned16(pb.part_meta) && detail::aligned16(pb.batch_meta),
-               "mfa.decode: part_meta and batch_meta must be 16-byte aligned (the kernel reads their rows in 16-byte pieces)");
+  detail::check_plan_meta_aligned(pb, "mfa.decode");
   AFDKIT_CHECK(pb.num_sm_parts == 1 || (pb.o_partial && pb.lse_partial),
                "mfa.decode: o_partial/lse_partial are required when num_sm_parts > 1");
   if (p.kv_dtype == KvDtype::kFp8E4M3) sm90::launch_decode_sm90<KvDtype::kFp8E4M3>(p, pb, stream);

@@ -14,6 +14,12 @@ inline int kv_bytes(KvDtype t) { return t == KvDtype::kFp8E4M3 ? 1 : 2; }
 
 inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
+// plan() writes and the decode kernel reads part_meta / batch_meta rows as 16-byte pieces.
+inline void check_plan_meta_aligned(const PlanBuffers& pb, const char* op) {
+  AFDKIT_CHECK(aligned16(pb.part_meta) && aligned16(pb.batch_meta), op,
+               ": part_meta and batch_meta must be 16-byte aligned (their rows are read in 16-byte pieces)");
+}
+
 inline void check_decode(const DecodeParams& p, const char* op) {
   AFDKIT_CHECK(p.batch >= 0, op, ": batch must be >= 0, got ", p.batch);
   AFDKIT_CHECK(p.q_len >= 1 && p.q_len <= cfg::kMaxQLen, op, ": q_len must be in 1..",

@@ -4,10 +4,10 @@
 // layer of the step.
 //
 // Cost model: a sequence costs ceil(seq_len / 64) tiles plus kPlanOverheadTiles
-// for each part that visits it (what a segment boundary costs the kernel; config.h). The parts are filled greedily
-// in sequence order up to a budget (see plan_kernel); a part that cannot take
-// one more tile of a sequence closes, so every visit covers >= 1 tile (or a whole
-// empty sequence, whose zeros/-inf some part must still write).
+// for each part that visits it (what a segment boundary costs the kernel; config.h).
+// The parts are filled greedily in sequence order up to a budget (see plan_kernel); a
+// part that cannot take one more tile of a sequence closes, so every visit covers >= 1
+// tile (or a whole empty sequence, whose zeros/-inf some part must still write).
 #include <cuda_bf16.h>
 
 #include <cstdlib>
@@ -223,8 +223,7 @@ void plan(const int32_t* seq_lens, int batch, const PlanBuffers& pb, cudaStream_
   AFDKIT_CHECK(batch >= 0 && pb.num_sm_parts >= 1, "mfa.plan: batch must be >= 0 and num_sm_parts >= 1");
   AFDKIT_CHECK(pb.part_meta && (batch == 0 || (seq_lens && pb.batch_meta)),
                "mfa.plan: null seq_lens/part_meta/batch_meta");
-  AFDKIT_CHECK(detail::aligned16(pb.part_meta) && detail::aligned16(pb.batch_meta),
-               "mfa.plan: part_meta and batch_meta must be 16-byte aligned");
+  detail::check_plan_meta_aligned(pb, "mfa.plan");
   plan_kernel<<<1, cfg::kPlanThreads, 0, stream>>>(seq_lens, batch, pb.part_meta, pb.batch_meta,
                                                    pb.num_sm_parts);
   AFDKIT_CHECK_LAUNCH();
